@@ -83,8 +83,10 @@ def sample_loop(
     unconditional half gets y = null_class). Guidance: v = v_u + s * (v_c - v_u), only for t inside
     cfg.cfg_interval when given. The state is integrated in fp32.
 
-    Heun uses 2 calls per step except the last step to t = 0, which is a plain Euler step as in
-    Karras et al. 2022 (EDM): 2 * num_steps - 1 calls in all, and still 2nd order.
+    Heun uses 2 calls on every step, the last one to t = 0 included. EDM (Karras et al. 2022) makes
+    its last step Euler because there it is tiny (sigma_min ~ 0.002); in Rectified Flow it is a full
+    1/N step and v(x, 0) is well defined, and skipping the correction cost 4-6x in accuracy on the
+    exact Gaussian flow (e.g. max error 0.032 vs 0.008 at 16 steps).
 
     Returns x0_BxHxWxC, or (x0, traj_SxBxHxWxC) with S = num_steps + 1, traj[0] = noise, traj[-1] = x0.
     """
@@ -112,16 +114,10 @@ def sample_loop(
         return x_next, (x_next if return_trajectory else None)
 
     x = noise_BxHxWxC.astype(jnp.float32)
-    # Heun's last step (to t = 0) runs outside the scan as Euler; Euler runs every step inside.
-    n_scan = cfg.num_steps - 1 if cfg.method == "heun" else cfg.num_steps
-    x, traj = jax.lax.scan(body, x, (t_S[:n_scan], t_S[1 : n_scan + 1]))
-    steps = [traj] if return_trajectory else []
-    if n_scan < cfg.num_steps:
-        x = euler_step(x, t_S[-2], t_S[-1])
-        steps.append(x[None])
+    x, traj = jax.lax.scan(body, x, (t_S[:-1], t_S[1:]))
     if not return_trajectory:
         return x
-    traj_SxBxHxWxC = jnp.concatenate([noise_BxHxWxC.astype(jnp.float32)[None], *steps], axis=0)
+    traj_SxBxHxWxC = jnp.concatenate([noise_BxHxWxC.astype(jnp.float32)[None], traj], axis=0)
     return x, traj_SxBxHxWxC
 
 
