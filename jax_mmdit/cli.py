@@ -1,0 +1,201 @@
+"""The `mmdit` command: train, sample, profile, info, datasets.
+
+    mmdit train --config fashion_mnist --optim.learning_rate 1e-3 --mesh.fsdp 2
+    mmdit sample --run runs/fashion_mnist --class 3 --cfg 4 --steps 50 --out x.png
+    mmdit sample --run runs/fashion_mnist --num 1000 --out samples.npz
+    mmdit info --model DiT-XL/2 --image_size 32 --in_channels 4 --num_classes 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from jax_mmdit import runtime
+
+USAGE = """usage: mmdit {train,sample,profile,info,datasets} [options]
+
+  train     train a model (typed config; any field can be overridden, see `mmdit train --help`)
+  sample    draw images from a trained run (PNG grid, GIF or an .npz for evaluation)
+  profile   a few training steps: FLOPs per step, FLOP/s, MFU, memory, a jax.profiler trace
+  info      parameter count and forward GFLOPs of a model preset
+  datasets  list the named datasets
+"""
+
+
+def _parse_train_config(argv: list[str], prog: str):
+    import tyro
+
+    from jax_mmdit.config import PRESETS, get_config
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="fashion_mnist", help=f"preset: {sorted(PRESETS)}")
+    known, rest = pre.parse_known_args(argv)
+    base = get_config(known.config)
+    return tyro.cli(
+        type(base), default=base, args=rest, prog=f"{prog} --config {known.config}",
+        use_underscores=True, description=f"Train (preset {known.config!r}; every field overridable).",
+    )
+
+
+def cmd_train(argv: list[str], prog="mmdit train") -> int:
+    cfg = _parse_train_config(argv, prog)
+    from jax_mmdit.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    if cfg.profile:
+        return _print_profile(trainer)
+    last = trainer.train()
+    if last:
+        shown = {k: round(v, 5) for k, v in last.items() if k in ("train/loss", "eval/loss", "perf/img_per_s")}
+        print(f"[mmdit] done at step {trainer.step}: {shown}; samples in {Path(cfg.run_dir) / 'samples'}, "
+              f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / 'tb'}")
+    return 0
+
+
+def _print_profile(trainer) -> int:
+    report = trainer.profile()
+    width = max(len(k) for k in report)
+    for k, v in report.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        print(f"{k:<{width}}  {'n/a' if v is None else v}")
+    return 0
+
+
+def cmd_profile(argv: list[str]) -> int:
+    return cmd_train(["--profile", "True", *argv], prog="mmdit profile")
+
+
+def cmd_sample(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mmdit sample", description="Sample from a trained run's EMA model.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory (latest checkpoint)")
+    src.add_argument("--checkpoint", help="a checkpoint step directory: RUN/checkpoints/STEP")
+    p.add_argument("--class", dest="labels", type=int, nargs="*", help="class label(s); default one per class")
+    p.add_argument("--num", type=int, default=None, help="number of images (labels cycle over classes)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps")
+    p.add_argument("--method", choices=["euler", "heun"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=256, help="images per sampling call")
+    p.add_argument("--out", default="samples.png", help=".png (grid), .gif (trajectory) or .npz (uint8 + labels)")
+    a = p.parse_args(argv)
+
+    import numpy as np
+
+    from jax_mmdit.eval import images as imgs
+    from jax_mmdit.train.trainer import Trainer
+
+    run, step = a.run, None
+    if a.checkpoint:
+        ck = Path(a.checkpoint)
+        run, step = str(ck.parent.parent), int(ck.name) if ck.name.isdigit() else None
+        if step is None:
+            raise ValueError(f"--checkpoint must be RUN/checkpoints/STEP, got {a.checkpoint}.")
+    trainer = Trainer.load(run, step)
+    overrides = {k: v for k, v in (("cfg_scale", a.cfg), ("num_steps", a.steps), ("method", a.method)) if v is not None}
+    scfg = dataclasses.replace(trainer.cfg.sampler, **overrides)
+    n_cls = trainer.model_cfg.num_classes
+    if a.labels:
+        labels = np.asarray(a.labels * (-(-(a.num or len(a.labels)) // len(a.labels))))[: a.num or len(a.labels)]
+    else:
+        n = a.num or (n_cls if n_cls else 16)
+        labels = np.arange(n) % n_cls if n_cls else np.zeros(n, np.int32)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".gif":
+        x, traj = trainer.sample(labels, seed=a.seed, sampler_cfg=scfg, return_trajectory=True)
+        traj_u8 = np.stack([imgs.to_uint8(t, trainer.is_latent) for t in traj])
+        imgs.save_trajectory_gif(out, traj_u8, ncols=min(len(labels), 10))
+    else:
+        chunks = []
+        for i in range(0, len(labels), a.batch):
+            chunks.append(trainer.sample(labels[i : i + a.batch], seed=a.seed + i, sampler_cfg=scfg))
+        x_u8 = imgs.to_uint8(np.concatenate(chunks), trainer.is_latent)
+        if out.suffix == ".npz":
+            np.savez_compressed(out, images=x_u8, labels=labels.astype(np.int32))
+        else:
+            imgs.save_grid_png(out, x_u8, ncols=min(len(labels), 10), scale=2)
+    print(f"[mmdit] wrote {len(labels)} samples (step {trainer.step}, cfg {scfg.cfg_scale}, "
+          f"{scfg.num_steps} {scfg.method} steps) to {out}")
+    return 0
+
+
+def cmd_info(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mmdit info", description="Parameters and forward GFLOPs of a model.")
+    p.add_argument("--model", default="DiT-XL/2", help="preset, e.g. DiT-S/2, DiT-XL/2, MMDiT-B/2")
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--in_channels", type=int, default=4)
+    p.add_argument("--num_classes", type=int, default=1000)
+    p.add_argument("--learn_sigma", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    a = p.parse_args(argv)
+    from jax_mmdit.models import ModelConfig
+    from jax_mmdit.models.summary import model_summary
+
+    kw = dict(image_size=a.image_size, in_channels=a.in_channels, num_classes=a.num_classes)
+    if a.learn_sigma is not None:
+        kw["learn_sigma"] = a.learn_sigma
+    cfg = ModelConfig.from_preset(a.model, **kw)
+    s = model_summary(cfg)
+    if a.json:
+        print(json.dumps(s, indent=2, default=str))
+    else:
+        width = max(len(k) for k in s)
+        for k, v in s.items():
+            v = f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else v)
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_datasets(argv: list[str]) -> int:
+    from jax_mmdit.data import DATASETS
+
+    for name, spec in sorted(DATASETS.items()):
+        print(f"{name:<15} {spec}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train, "sample": cmd_sample, "profile": cmd_profile, "info": cmd_info,
+    "datasets": cmd_datasets,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    runtime.configure()
+    return run_guarded(COMMANDS[argv[0]], argv[1:])
+
+
+def run_guarded(fn, argv) -> int:
+    """Known failures (bad config, missing data or checkpoint, NaN loss) → one line, exit 1."""
+    from jax_mmdit.checkpoint import CheckpointError
+
+    expected: tuple[type[BaseException], ...] = (ValueError, CheckpointError, FileNotFoundError)
+    try:
+        from jax_mmdit.data import DatasetUnavailableError
+        from jax_mmdit.train.trainer import NonFiniteLossError
+
+        expected += (DatasetUnavailableError, NonFiniteLossError)
+    except ImportError:
+        pass
+    try:
+        return fn(argv)
+    except expected as e:
+        if os.environ.get("MMDIT_DEBUG"):
+            raise
+        print(f"mmdit: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

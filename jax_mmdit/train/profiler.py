@@ -1,0 +1,71 @@
+"""FLOPs from XLA's cost analysis, model FLOPs utilisation (MFU) and device memory."""
+
+from __future__ import annotations
+
+import jax
+
+# Dense peak FLOP/s per chip (no sparsity), by compute dtype. Sources: vendor datasheets.
+PEAK_FLOPS = {
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},  # SXM; PCIe is ~25% lower
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 2},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 2},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12 / 2},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12 / 2},
+}
+
+
+def device_peak_flops(device: jax.Device, dtype: str) -> float | None:
+    """Peak FLOP/s for `device` at `dtype`, or None for devices we have no number for (CPUs)."""
+    kind = getattr(device, "device_kind", "") or ""
+    # Longest match first: "TPU v5 lite" must not be taken for "TPU v5p" etc.
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in kind.lower():
+            table = PEAK_FLOPS[name]
+            return table.get(dtype, table.get("float32"))
+    return None
+
+
+def compiled_flops(compiled) -> float | None:
+    """Total FLOPs of one call of a compiled XLA executable (summed over devices' programs)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement cost analysis
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def mfu(flops_per_step: float | None, step_seconds: float, num_devices: int, peak: float | None) -> float | None:
+    """Achieved / peak FLOP/s. Under SPMD `flops_per_step` is per device program, so the
+    achieved rate is compared with one device's peak."""
+    if not flops_per_step or not peak or step_seconds <= 0:
+        return None
+    return flops_per_step / step_seconds / peak
+
+
+def memory_stats(device: jax.Device | None = None) -> dict[str, float]:
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:
+        stats = {}
+    return {
+        k: float(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats
+    }
+
+
+def compiled_memory(compiled) -> dict[str, float]:
+    """XLA's static memory plan for one executable (works on CPU too)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        return {}
+    if m is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    return {k: float(getattr(m, k)) for k in keys if hasattr(m, k)}

@@ -1,0 +1,391 @@
+"""`Trainer`: builds mesh, data, model and state, runs the loop, evaluates, samples, checkpoints.
+
+    trainer = Trainer(get_config("fashion_mnist"))
+    trainer.train()
+    images = trainer.sample(labels=[0, 1, 2])
+    trainer = Trainer.load("runs/fashion_mnist")      # sampling from a finished run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jax_mmdit.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, load_config_dict
+from jax_mmdit.config import TrainConfig
+from jax_mmdit.eval import images as imgs
+from jax_mmdit.flow import make_loss_fn, sample as flow_sample
+from jax_mmdit.models import create_model
+from jax_mmdit.train import mesh as mesh_lib
+from jax_mmdit.train import profiler
+from jax_mmdit.train.logger import MetricLogger, summarize_window
+from jax_mmdit.train.step import (
+    init_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step, split_model,
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the step and the last good checkpoint."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, devices=None, with_data: bool = True):
+        self.cfg = cfg
+        mesh_lib.maybe_initialize_distributed(cfg.mesh)
+        self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+        mesh_lib.check_batch_divisible(cfg.batch_size, self.mesh, cfg.grad_accum_steps)
+        self.run_dir = Path(cfg.run_dir)
+        self.model_cfg = cfg.model_for_precision
+
+        # --- data -------------------------------------------------------------------------
+        self.train_data = self.eval_data = None
+        if with_data:
+            from jax_mmdit.data import build_dataset
+
+            self.train_data = build_dataset(cfg.data, split="train")
+            self._check_data_matches_model(self.train_data.info)
+            self.eval_data = build_dataset(cfg.data, split="eval")
+        self.is_latent = bool(self.train_data.info.is_latent) if self.train_data else False
+
+        # --- model and state (created directly in their final shardings) ---------------------
+        mcfg, seed = self.model_cfg, cfg.seed
+
+        def init_params():
+            _, params, rest = split_model(create_model(mcfg, rngs=nnx.Rngs(seed)))
+            return params, rest
+
+        self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(mcfg, rngs=nnx.Rngs(seed))))
+        abstract_params, abstract_rest = jax.eval_shape(init_params)
+        self.total_steps = self._total_steps()
+        self.schedule = make_schedule(cfg.optim, self.total_steps)
+        self.tx = make_optimizer(cfg.optim, self.schedule)
+        init_state = lambda p: init_train_state(p, self.tx, cfg.precision)  # noqa: E731
+        self.abstract_state = jax.eval_shape(init_state, abstract_params)
+        self.state_sharding = mesh_lib.state_shardings(self.abstract_state, self.mesh)
+        repl = mesh_lib.replicated(self.mesh)
+        params_sharding = mesh_lib.state_shardings(abstract_params, self.mesh)
+        rest_sharding = jax.tree.map(lambda _: repl, abstract_rest)
+        params, self.rest = jax.jit(init_params, out_shardings=(params_sharding, rest_sharding))()
+        self.state = jax.jit(init_state, out_shardings=self.state_sharding)(params)
+        del params
+        self.rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), repl)
+        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+
+        # --- steps ---------------------------------------------------------------------------
+        null_class = mcfg.num_classes if mcfg.num_classes > 0 else None
+        self.loss_fn = make_loss_fn(cfg.flow, null_class=null_class)
+        # Eval measures the conditional model: no label dropout, fixed t/noise across evals.
+        self.eval_loss_fn = make_loss_fn(dataclasses.replace(cfg.flow, label_dropout=0.0), null_class=null_class)
+        train_step = make_train_step(
+            cfg, self.graphdef, self.rest, self.loss_fn, self.tx, self.schedule, self.mesh
+        )
+        bsh = mesh_lib.batch_sharding(self.mesh)
+        self._train_step_jit = jax.jit(
+            train_step,
+            in_shardings=(self.state_sharding, {"image": bsh, "label": bsh}, repl),
+            out_shardings=(self.state_sharding, repl),
+            donate_argnums=0,
+        )
+        self._compiled_step = None
+        self.flops_per_step = None
+        self._eval_step = jax.jit(
+            make_eval_step(self.graphdef, self.rest, self.eval_loss_fn),
+            in_shardings=(self.state_sharding.ema_params, {"image": bsh, "label": bsh}, repl),
+            out_shardings=repl,
+        )
+
+        # --- checkpoints (resume automatically) ------------------------------------------------
+        self.checkpointer = None
+        self.data_iter = None
+        self._stop_requested = False
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------
+    def _check_data_matches_model(self, info) -> None:
+        m = self.model_cfg
+        want = (m.image_size, m.image_size, m.in_channels)
+        if tuple(info.image_shape) != want:
+            raise ValueError(
+                f"Dataset {info.name!r} gives images of shape {tuple(info.image_shape)} but the model "
+                f"expects {want}: set --model.image_size/--model.in_channels or --data.image_size."
+            )
+        if m.num_classes and info.num_classes and m.num_classes != info.num_classes:
+            raise ValueError(
+                f"Dataset {info.name!r} has {info.num_classes} classes but the model has "
+                f"num_classes={m.num_classes}."
+            )
+
+    def _total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        if self.train_data is None:
+            return 1
+        per_epoch = self.train_data.info.num_examples // self.cfg.batch_size
+        if per_epoch == 0:
+            raise ValueError(
+                f"batch_size {self.cfg.batch_size} is larger than the {self.train_data.info.num_examples} "
+                "training examples."
+            )
+        return max(1, math.ceil(self.cfg.n_epochs * per_epoch))
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state.step))
+
+    def _local_batch_size(self) -> int:
+        return self.cfg.batch_size // jax.process_count()
+
+    def _make_train_iterator(self):
+        return self.train_data.iterator(
+            self.cfg.batch_size, seed=self.cfg.seed, process_index=jax.process_index(),
+            process_count=jax.process_count(), shuffle=True, repeat=True,
+        )
+
+    def _ensure_checkpointer(self) -> Checkpointer:
+        if self.checkpointer is None:
+            self.checkpointer = Checkpointer(self.run_dir, keep=self.cfg.keep_checkpoints)
+        return self.checkpointer
+
+    def restore(self, step: int | None = None, data_iterator=None) -> int | None:
+        """Load the latest (or given) checkpoint of `run_dir` onto this trainer's mesh."""
+        ckpt = self._ensure_checkpointer()
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            return None
+        target = abstract_with_shardings(self.abstract_state, self.state_sharding)
+        self.state = ckpt.restore(step, target, data_iterator=data_iterator)
+        return step
+
+    def train_step(self, local_batch: dict) -> dict:
+        """One optimizer step on this process's share of a global batch; returns device metrics
+        (no host sync: call jax.device_get on them when you need numbers)."""
+        batch = mesh_lib.global_batch_from_local(local_batch, self.mesh)
+        compiled = self._get_compiled_step(self.state, batch)
+        self.state, metrics = compiled(self.state, batch, self.rng)
+        return metrics
+
+    def _get_compiled_step(self, state, batch):
+        if self._compiled_step is None:
+            lowered = self._train_step_jit.lower(state, batch, self.rng)
+            self._compiled_step = lowered.compile()
+            self.flops_per_step = profiler.compiled_flops(self._compiled_step)
+        return self._compiled_step
+
+    # ------------------------------------------------------------------------------------------
+    def train(self, until_step: int | None = None) -> dict[str, float]:
+        """Train to `total_steps` (or stop, checkpointed, at `until_step`), resuming from the run
+        directory's latest checkpoint. Returns the last logged metrics; all logged rows are
+        kept in `self.history`."""
+        cfg = self.cfg
+        if self.train_data is None:
+            raise ValueError("This Trainer was built with with_data=False; it can sample, not train.")
+        main = jax.process_index() == 0
+        self._stop_requested = False
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = self._ensure_checkpointer()
+        self.data_iter = self._make_train_iterator()
+        resumed = self.restore(data_iterator=self.data_iter)
+        start = self.step
+        if main:
+            (self.run_dir / "config.json").write_text(cfg.to_json())
+            msg = f"resumed from step {resumed}" if resumed is not None else "starting fresh"
+            print(
+                f"[mmdit] {self.num_params / 1e6:.2f}M params, mesh {dict(self.mesh.shape)}, "
+                f"{jax.process_count()} process(es), {self.total_steps} steps, {msg} in {self.run_dir}"
+            )
+        logger = MetricLogger(self.run_dir / "tb")
+        samples_dir = self.run_dir / "samples"
+        if main:
+            samples_dir.mkdir(exist_ok=True)
+        old_handlers = self._install_signal_handlers()
+        window: list = []
+        last: dict[str, float] = {}
+        t_window, steps_window = None, 0
+        peak = profiler.device_peak_flops(jax.devices()[0], self.model_cfg.dtype)
+        bar = tqdm(total=self.total_steps, initial=start, disable=not main, dynamic_ncols=True, desc="train")
+        try:
+            step = start
+            while step < self.total_steps:
+                # --- data + step (async dispatch: no host sync here) ----------------------------
+                metrics = self.train_step(next(self.data_iter))
+                step += 1
+                window.append(metrics)
+                if t_window is None:  # the first step includes compilation: time from its end
+                    jax.block_until_ready(metrics["loss"])
+                    t_window, steps_window = time.perf_counter(), 0
+                else:
+                    steps_window += 1
+                bar.update(1)
+                is_last = step == self.total_steps
+                if until_step is not None and step >= until_step:
+                    self._stop_requested = True
+                # --- logging (the only host sync in the loop) ---------------------------------
+                if window and (step % cfg.log_every == 0 or is_last or self._stop_requested):
+                    fetched = jax.device_get(window)
+                    self._check_finite(step)
+                    dt = time.perf_counter() - t_window
+                    last = summarize_window(fetched, cfg.flow.num_loss_bins)
+                    if steps_window:
+                        step_time = dt / steps_window
+                        last["perf/img_per_s"] = cfg.batch_size / step_time
+                        last["perf/step_time_s"] = step_time
+                        last["perf/mfu"] = profiler.mfu(self.flops_per_step, step_time, self.mesh.size, peak)
+                    logger.scalars(step, last)
+                    self.history.append({"step": step, **last})
+                    bar.set_postfix(loss=f"{last['train/loss']:.4f}", img_s=f"{last.get('perf/img_per_s', 0):.0f}")
+                    window, t_window, steps_window = [], time.perf_counter(), 0
+                # --- eval + checkpoint ----------------------------------------------------------
+                t_extra = time.perf_counter()
+                if step % cfg.eval_save_steps == 0 or is_last or self._stop_requested:
+                    self._check_finite(step)
+                    if self.eval_data is not None and cfg.n_eval_batches > 0:
+                        last["eval/loss"] = self.evaluate()
+                        logger.scalars(step, {"eval/loss": last["eval/loss"]})
+                    ckpt.save(step, self.state, self.data_iter, cfg.to_json(), force=True)
+                # --- samples ---------------------------------------------------------------------
+                if (cfg.sample_every_n and step % cfg.sample_every_n == 0) or is_last:
+                    self.write_samples(step, samples_dir, logger)
+                t_window += time.perf_counter() - t_extra  # keep eval/sampling out of img/s
+                if self._stop_requested:
+                    if main:
+                        print(f"\n[mmdit] stop requested: saved step {step}, exiting.")
+                    break
+        finally:
+            bar.close()
+            self._restore_signal_handlers(old_handlers)
+            ckpt.wait()
+            logger.close()
+        return last
+
+    def _check_finite(self, step: int) -> None:
+        bad = int(jax.device_get(self.state.nonfinite_step))
+        if bad >= 0:
+            ckpt = self._ensure_checkpointer()
+            ckpt.wait()
+            good = ckpt.latest_step()
+            kept = f"last good checkpoint: step {good}" if good is not None else "no checkpoint was saved yet"
+            raise NonFiniteLossError(
+                f"Loss became NaN/inf at step {bad + 1} (detected at step {step}); stopped, {kept} "
+                f"in {self.run_dir}. Try a lower --optim.learning_rate or --precision fp32."
+            )
+
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self._stop_requested = True
+
+        old = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. inside a notebook worker): no handlers
+            pass
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old):
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+    # ------------------------------------------------------------------------------------------
+    def evaluate(self, n_batches: int | None = None) -> float:
+        """Mean flow loss of the EMA model on the eval split, same batches/noise every call."""
+        n = self.cfg.n_eval_batches if n_batches is None else n_batches
+        it = self.eval_data.iterator(
+            self.cfg.batch_size, seed=0, process_index=jax.process_index(),
+            process_count=jax.process_count(), shuffle=False, repeat=True,
+        )
+        eval_rng = jax.device_put(jax.random.key_data(jax.random.key(1234)), mesh_lib.replicated(self.mesh))
+        losses = []
+        for i in range(n):
+            batch = mesh_lib.global_batch_from_local(next(it), self.mesh)
+            losses.append(self._eval_step(self.state.ema_params, batch, jax.random.fold_in(eval_rng, i)))
+        return float(np.mean(jax.device_get(losses)))
+
+    def ema_model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state.ema_params, self.rest)
+
+    def sample(
+        self, labels=None, num: int | None = None, seed: int = 0, sampler_cfg=None, return_trajectory=False,
+    ):
+        """Draw images with the EMA model. Returns float32 NHWC in [-1, 1] (and the trajectory)."""
+        scfg = sampler_cfg or self.cfg.sampler
+        m = self.model_cfg
+        if labels is None:
+            n = num or self.cfg.num_sample_images
+            labels = np.arange(n) % m.num_classes if m.num_classes else np.zeros(n)
+        labels = np.asarray(labels, np.int32)
+        if m.num_classes and (labels.min() < 0 or labels.max() >= m.num_classes):
+            raise ValueError(f"Class labels must be in [0, {m.num_classes}), got {labels.tolist()}.")
+        shape = (len(labels), m.image_size, m.image_size, m.in_channels)
+        noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+        out = flow_sample(self.ema_model(), noise, jnp.asarray(labels), scfg, return_trajectory=return_trajectory)
+        return jax.device_get(out)
+
+    def write_samples(self, step: int, out_dir: Path, logger: MetricLogger | None = None) -> Path:
+        """One image per class (capped) with CFG: PNG grid, trajectory grid PNG and GIF."""
+        x, traj = self.sample(return_trajectory=True)
+        if jax.process_index() != 0:
+            return out_dir
+        ncols = min(len(x), max(self.model_cfg.num_classes, 1), 10)
+        grid = imgs.save_grid_png(out_dir / f"step_{step:07d}.png", imgs.to_uint8(x, self.is_latent), ncols, scale=2)
+        traj_u8 = np.stack([imgs.to_uint8(t, self.is_latent) for t in traj])
+        imgs.save_trajectory_gif(out_dir / f"step_{step:07d}.gif", traj_u8, ncols)
+        imgs.save_png(out_dir / f"step_{step:07d}_trajectory.png", imgs.trajectory_grid(traj_u8), scale=2)
+        if logger is not None:
+            logger.image(step, "samples", grid)
+        return out_dir
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, run_dir: str, step: int | None = None, devices=None, **overrides) -> "Trainer":
+        """A trainer for a saved run (config read from the checkpoint), with its weights restored."""
+        cfg_dict, step = load_config_dict(run_dir, step)
+        cfg_dict = {**cfg_dict, "run_dir": str(run_dir), **overrides}
+        cfg = TrainConfig.from_dict(cfg_dict)
+        trainer = cls(cfg, devices=devices, with_data=False)
+        if trainer.restore(step) is None:
+            raise CheckpointError(f"No checkpoint found in {run_dir}.")
+        return trainer
+
+    def profile(self, num_steps: int | None = None) -> dict[str, float]:
+        """Compile, time a few steps under jax.profiler, report FLOPs, FLOP/s, MFU and memory."""
+        n = num_steps or self.cfg.profile_steps
+        it = self._make_train_iterator()
+        batch = mesh_lib.global_batch_from_local(next(it), self.mesh)
+        compiled = self._get_compiled_step(self.state, batch)
+        self.state, m = compiled(self.state, batch, self.rng)
+        jax.block_until_ready(m["loss"])
+        trace_dir = self.run_dir / "profile"
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        times = []
+        with jax.profiler.trace(str(trace_dir)):
+            for _ in range(n):
+                batch = mesh_lib.global_batch_from_local(next(it), self.mesh)
+                t0 = time.perf_counter()
+                self.state, m = compiled(self.state, batch, self.rng)
+                jax.block_until_ready(m["loss"])
+                times.append(time.perf_counter() - t0)
+        step_time = float(np.median(times))
+        dev = jax.devices()[0]
+        peak = profiler.device_peak_flops(dev, self.model_cfg.dtype)
+        report = {
+            "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{self.mesh.size}",
+            "step_time_s": step_time,
+            "img_per_s": self.cfg.batch_size / step_time,
+            "flops_per_step_per_device": self.flops_per_step,
+            "achieved_tflops_per_device": (self.flops_per_step / step_time / 1e12) if self.flops_per_step else None,
+            "mfu": profiler.mfu(self.flops_per_step, step_time, self.mesh.size, peak),
+            **{f"mem/{k}": v for k, v in profiler.compiled_memory(compiled).items()},
+            **{f"mem/device_{k}": v for k, v in profiler.memory_stats(dev).items()},
+            "trace_dir": str(trace_dir),
+        }
+        return report
