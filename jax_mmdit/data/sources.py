@@ -1,0 +1,298 @@
+"""Raw data from wherever it lives: the hub, save_to_disk, parquet, an image folder, IDX files, .npz.
+
+Every source ends as a dict `split name -> records`, where records are either `ArrayRecords` (a
+uint8 or latent array in memory) or `HFRecords` (an Arrow-backed `datasets.Dataset`, decoded per
+read). Both answer `len`, `select(indices)` and `read(indices) -> (images_NxHxWxC, labels_N)`, with
+images already at the target size and channel count.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import os
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import datasets
+import numpy as np
+from PIL import Image, ImageOps
+
+from jax_mmdit.data.registry import DatasetSpec
+
+SourceKind = Literal["hub", "disk", "parquet", "imagefolder", "idx", "npz"]
+
+# IDX file-name prefixes (MNIST convention) -> split names.
+_IDX_SPLITS = {"train": "train", "t10k": "test", "test": "test"}
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The dataset is neither installed locally nor reachable on the Hugging Face hub."""
+
+
+@dataclass(frozen=True)
+class ArrayRecords:
+    """Examples held in memory: images uint8 NHWC at the target size (latents: float), labels int32."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or len(self.images) != len(self.labels):
+            raise ValueError(
+                f"Expected images (N, H, W, C) and N labels, got {self.images.shape} and {self.labels.shape}."
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, indices: np.ndarray) -> ArrayRecords:
+        return ArrayRecords(self.images[indices], self.labels[indices])
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[indices], self.labels[indices]
+
+
+@dataclass(frozen=True)
+class HFRecords:
+    """Examples left in an Arrow table (memory-mapped); images are decoded and resized per read.
+
+    The image column is read undecoded (`datasets.Image(decode=False)`): HF would decode JPEGs at
+    full size, while Pillow's `draft` decodes them directly at 1/2, 1/4 or 1/8 scale.
+    """
+
+    dataset: datasets.Dataset  # image column cast to Image(decode=False)
+    image_column: str
+    labels: np.ndarray
+    image_size: int
+    channels: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, indices: np.ndarray) -> HFRecords:
+        return replace(self, dataset=self.dataset.select(indices), labels=self.labels[indices])
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        encoded = self.dataset[[int(i) for i in indices]][self.image_column]
+        images = np.stack([fit_image(_open(value), self.image_size, self.channels) for value in encoded])
+        return images, self.labels[indices]
+
+    def decode_all(self, chunk: int = 1024) -> ArrayRecords:
+        """Decode every image once (small datasets): batches then need no Pillow at all."""
+        images = np.empty((len(self), self.image_size, self.image_size, self.channels), np.uint8)
+        for start, rows in zip(range(0, len(self), chunk), self.dataset.iter(batch_size=chunk)):
+            for i, value in enumerate(rows[self.image_column]):
+                images[start + i] = fit_image(_open(value), self.image_size, self.channels)
+        return ArrayRecords(images, self.labels)
+
+
+Records = ArrayRecords | HFRecords
+
+
+def fit_image(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """Pillow image -> uint8 (size, size, channels): center-crop to square, resize, set the mode."""
+    mode = "L" if channels == 1 else "RGB"
+    image.draft(mode, (size, size))  # JPEG only (else a no-op): decode at the smallest scale >= size
+    image = image.convert(mode)
+    if image.size != (size, size):
+        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
+
+
+def _open(value: dict) -> Image.Image:
+    """An undecoded `datasets.Image` value ({"bytes", "path"}) -> a lazily decoded Pillow image."""
+    return Image.open(io.BytesIO(value["bytes"]) if value["bytes"] is not None else value["path"])
+
+
+def detect_source(source: str) -> SourceKind:
+    """Which loader a `--data.source` string needs, judged from its form."""
+    path = os.path.expanduser(source)
+    if os.path.isfile(path):
+        if path.endswith(".npz"):
+            return "npz"
+        if path.endswith(".parquet"):
+            return "parquet"
+        raise ValueError(f"Data source file {source!r} is neither .npz nor .parquet.")
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if "dataset_dict.json" in names or "state.json" in names:
+            return "disk"
+        if any("-images-idx3-ubyte" in n for n in names):
+            return "idx"
+        if glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True):
+            return "parquet"
+        return "imagefolder"
+    if glob.glob(path):  # a glob of parquet files
+        return "parquet"
+    if source.startswith(("/", ".", "~")) or source.endswith((".npz", ".parquet")):
+        raise ValueError(f"Data source path {source!r} does not exist.")
+    return "hub"
+
+
+def load_splits(
+    spec: DatasetSpec, source: str | None, image_size: int
+) -> tuple[dict[str, Records], tuple[str, ...] | None]:
+    """All splits of `spec`'s data from `source` (None: local copy, else hub), plus class names.
+
+    Class names are the spec's when known, else the source's ClassLabel names, else None.
+    """
+    if source is None:
+        source = next((p for p in spec.local_paths if os.path.isdir(p)), spec.hub_id)
+        if source is None:
+            raise DatasetUnavailableError(_unavailable_message(spec, "it has no public hub copy"))
+    kind = detect_source(source)
+    path = os.path.expanduser(source)
+    if kind == "idx":
+        splits = {
+            name: _conform(spec, images, labels, image_size, source)
+            for name, (images, labels) in _read_idx_dir(path).items()
+        }
+        return splits, spec.class_names
+    if kind == "npz":
+        images, labels = _read_npz(spec, path)
+        return {spec.train_split: _conform(spec, images, labels, image_size, source)}, spec.class_names
+    if spec.is_latent:
+        raise ValueError(f"Dataset {spec.name!r} holds latents: pass an .npz source, not {kind} {source!r}.")
+    if kind == "hub":
+        hf = _load_hub(spec, source)
+    elif kind == "disk":
+        hf = datasets.load_from_disk(path)
+    elif kind == "parquet":
+        hf = datasets.load_dataset("parquet", **({"data_dir": path} if os.path.isdir(path) else {"data_files": path}))
+    else:
+        hf = datasets.load_dataset("imagefolder", data_dir=path)
+    if isinstance(hf, datasets.Dataset):  # save_to_disk of a single split
+        hf = datasets.DatasetDict({spec.train_split: hf})
+    splits = {name: _hf_records(spec, ds, source, image_size) for name, ds in hf.items()}
+    return splits, spec.class_names or _class_label_names(spec, next(iter(hf.values())))
+
+
+def _unavailable_message(spec: DatasetSpec, why: str) -> str:
+    local = f" Local copies looked for: {', '.join(spec.local_paths)}." if spec.local_paths else ""
+    return (
+        f"Dataset {spec.name!r} is unavailable: {why}.{local} Alternatives without the hub: "
+        "`apt-get install dataset-fashion-mnist` (Fashion-MNIST IDX files), or `--data.source PATH` "
+        "pointing at a save_to_disk directory, parquet file(s), an image folder (one subfolder per "
+        "class), a directory of MNIST-format IDX files, or an .npz with `images`/`latents` and `labels`."
+    )
+
+
+def _load_hub(spec: DatasetSpec, hub_id: str) -> datasets.DatasetDict:
+    # With HF_DATASETS_OFFLINE=1 this fails in under a second instead of retrying for ~24 s.
+    try:
+        return datasets.load_dataset(hub_id)
+    except OSError as e:  # ConnectionError, LocalEntryNotFoundError, DatasetNotFoundError
+        offline = (
+            " (HF_DATASETS_OFFLINE is set)"
+            if datasets.config.HF_DATASETS_OFFLINE
+            else " (set HF_DATASETS_OFFLINE=1 to fail at once instead of after the hub's retries)"
+        )
+        why = f"hub id {hub_id!r} could not be loaded{offline}: {e}"
+        raise DatasetUnavailableError(_unavailable_message(spec, why)) from e
+
+
+def _hf_records(spec: DatasetSpec, ds: datasets.Dataset, source: str, image_size: int) -> HFRecords:
+    features = ds.features
+    image_column = next(
+        (c for c in (spec.image_column, "image") if isinstance(features.get(c), datasets.Image)),
+        next((c for c, f in features.items() if isinstance(f, datasets.Image)), None),
+    )
+    if image_column is None:
+        raise ValueError(f"Source {source!r} has no image column (columns: {', '.join(features)}).")
+    if spec.num_classes == 0:
+        labels = np.zeros(len(ds), np.int32)
+    else:
+        label_column = next((c for c in (spec.label_column, "label") if c in features), None)
+        if label_column is None:
+            raise ValueError(f"Source {source!r} has no {spec.label_column!r} column for the labels of {spec.name!r}.")
+        labels = np.asarray(ds[label_column])
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"Labels in column {label_column!r} of {source!r} must be integers, got {labels.dtype}.")
+        _check_labels(spec, labels, source)
+    undecoded = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    return HFRecords(undecoded, image_column, labels.astype(np.int32), image_size, spec.channels)
+
+
+def _class_label_names(spec: DatasetSpec, ds: datasets.Dataset) -> tuple[str, ...] | None:
+    feature = ds.features.get(spec.label_column or "label") or ds.features.get("label")
+    if isinstance(feature, datasets.ClassLabel) and feature.num_classes == spec.num_classes:
+        return tuple(feature.names)
+    return None
+
+
+def _check_labels(spec: DatasetSpec, labels: np.ndarray, source: str) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        raise ValueError(
+            f"Labels of {source!r} span [{labels.min()}, {labels.max()}] but {spec.name!r} has "
+            f"{spec.num_classes} classes."
+        )
+
+
+def _conform(
+    spec: DatasetSpec, images: np.ndarray, labels: np.ndarray | None, image_size: int, source: str
+) -> ArrayRecords:
+    """Arrays from IDX/npz -> ArrayRecords at the target size and channel count."""
+    if images.ndim == 3:  # grayscale stored without a channel axis (IDX)
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(f"Expected images shaped (N, H, W[, C]), got {images.shape}.")
+    if labels is None:
+        if spec.num_classes > 0:
+            raise ValueError(f"Dataset {spec.name!r} needs labels but the source has none.")
+        labels = np.zeros(len(images), np.int32)
+    if len(labels) != len(images):
+        raise ValueError(f"The source has {len(images)} images but {len(labels)} labels.")
+    if spec.num_classes > 0:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"Labels of {source!r} must be integers, got {labels.dtype}.")
+        _check_labels(spec, labels, source)
+    labels = labels.astype(np.int32)
+    target = (image_size, image_size, spec.channels)
+    if spec.is_latent:
+        if images.shape[1:] != target:
+            raise ValueError(f"Latents of {spec.name!r} must be NHWC {target}, got {images.shape[1:]}.")
+        return ArrayRecords(images, labels)
+    if images.dtype != np.uint8:
+        raise ValueError(f"Image arrays must be uint8 in [0, 255], got {images.dtype}.")
+    if images.shape[1:] != target:
+        gray = images.shape[-1] == 1
+        images = np.stack(
+            [fit_image(Image.fromarray(im[..., 0] if gray else im), image_size, spec.channels) for im in images]
+        )
+    return ArrayRecords(images, labels)
+
+
+def _read_npz(spec: DatasetSpec, path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    with np.load(path) as npz:
+        key = next((k for k in ("latents", "images") if k in npz.files), None)
+        if key is None:
+            raise ValueError(f"{path} needs an array named 'images' or 'latents'; it has {', '.join(npz.files)}.")
+        return npz[key], npz["labels"] if "labels" in npz.files else None
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """One IDX file (the MNIST format: a magic number, big-endian dims, raw data)."""
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file.")
+    ndim = data[3]
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {array.size} bytes of data for shape {shape}.")
+    return array.reshape(shape)
+
+
+def _read_idx_dir(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    splits = {}
+    for images_path in sorted(glob.glob(os.path.join(path, "*-images-idx3-ubyte*"))):
+        prefix, suffix = os.path.basename(images_path).split("-images-idx3-ubyte")
+        labels_path = os.path.join(path, f"{prefix}-labels-idx1-ubyte{suffix}")
+        if not os.path.isfile(labels_path):
+            raise ValueError(f"{images_path} has no labels file {labels_path}.")
+        splits[_IDX_SPLITS.get(prefix, prefix)] = (_read_idx(images_path), _read_idx(labels_path))
+    return splits
