@@ -68,7 +68,7 @@ def _print_profile(trainer) -> int:
 
 
 def cmd_profile(argv: list[str]) -> int:
-    return cmd_train(["--profile", "True", *argv], prog="mmdit profile")
+    return cmd_train(["--profile", *argv], prog="mmdit profile")
 
 
 def cmd_sample(argv: list[str]) -> int:

@@ -301,13 +301,14 @@ class Trainer:
         n = self.cfg.n_eval_batches if n_batches is None else n_batches
         it = self.eval_data.iterator(
             self.cfg.batch_size, seed=0, process_index=jax.process_index(),
-            process_count=jax.process_count(), shuffle=False, repeat=True,
+            process_count=jax.process_count(), shuffle=False, repeat=True, num_workers=0,
         )
         eval_rng = jax.device_put(jax.random.key_data(jax.random.key(1234)), mesh_lib.replicated(self.mesh))
         losses = []
         for i in range(n):
             batch = mesh_lib.global_batch_from_local(next(it), self.mesh)
             losses.append(self._eval_step(self.state.ema_params, batch, jax.random.fold_in(eval_rng, i)))
+        it.close()
         return float(np.mean(jax.device_get(losses)))
 
     def ema_model(self) -> nnx.Module:

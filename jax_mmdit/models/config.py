@@ -1,0 +1,181 @@
+"""`ModelConfig`: one frozen dataclass for DiT and MMDiT, plus the paper presets.
+
+Presets follow the DiT paper (Peebles & Xie 2023, Table 1): S/B/L/XL widths and depths with
+patch sizes 2/4/8. `"MMDiT-<size>/<patch>"` reuses the same width/depth/heads so DiT and MMDiT
+runs of one size are directly comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+
+# (hidden_size, depth, num_heads) per size, from the DiT paper.
+_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+_PATCHES = (2, 4, 8)
+
+
+def _build_presets() -> dict[str, dict[str, Any]]:
+    presets: dict[str, dict[str, Any]] = {}
+    for arch, prefix in (("dit", "DiT"), ("mmdit", "MMDiT")):
+        for size, (hidden, depth, heads) in _SIZES.items():
+            for patch in _PATCHES:
+                presets[f"{prefix}-{size}/{patch}"] = dict(
+                    arch=arch,
+                    hidden_size=hidden,
+                    depth=depth,
+                    num_heads=heads,
+                    patch_size=patch,
+                    # SD3.5 showed QK-norm stabilises MMDiT training; plain DiT keeps the paper's block.
+                    qk_norm=(arch == "mmdit"),
+                )
+    return presets
+
+
+PRESETS: dict[str, dict[str, Any]] = _build_presets()
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a DiT or MMDiT. Defaults are DiT-S/2 on 32x32x4 ImageNet latents."""
+
+    # Which network: "dit" (single stream, adaLN-Zero) or "mmdit" (SD3 two-stream joint attention).
+    arch: str = "dit"
+    # Input height = width in pixels (or latent cells); must be a multiple of patch_size.
+    image_size: int = 32
+    # Input channels (3 for RGB, 4 for SD VAE latents, 16 for SD3 latents).
+    in_channels: int = 4
+    # Side of the square patch that becomes one token; smaller = more tokens = more compute.
+    patch_size: int = 2
+    # Transformer width D.
+    hidden_size: int = 384
+    # Number of transformer blocks.
+    depth: int = 12
+    # Attention heads; hidden_size must divide evenly.
+    num_heads: int = 6
+    # MLP hidden width = mlp_ratio * hidden_size (SwiGLU uses 2/3 of that to keep params equal).
+    mlp_ratio: float = 4.0
+    # Number of classes (0 = unconditional). Index num_classes is the null class used for CFG.
+    num_classes: int = 1000
+    # Output 2*C channels like published DiT weights (the flow only uses the first C).
+    learn_sigma: bool = False
+    # "sincos": fixed 2D sin-cos table (DiT/SD3); "learned": trainable table.
+    pos_embed: str = "sincos"
+    # "patch": linear patchify (paper); "conv": 3x3 conv + GroupNorm stem first, helps tiny images.
+    stem: str = "patch"
+    # RMSNorm on per-head queries and keys (SD3.5); avoids attention-logit growth at scale.
+    qk_norm: bool = False
+    # "gelu": paper MLP (tanh GELU); "swiglu": gated MLP, often slightly better per FLOP.
+    mlp: str = "gelu"
+    # Compute dtype of activations/matmuls; parameters, norms and softmax stay float32.
+    dtype: str = "float32"
+    # Attention kernel: "auto" (jax's default choice), "xla", or "cudnn" (GPU flash, half dtypes).
+    attention: str = "auto"
+    # Recompute each block in the backward pass: less activation memory, ~30% more compute.
+    remat: bool = False
+    # MMDiT only: width of precomputed text-token embeddings (0 = learned class tokens).
+    context_dim: int = 0
+    # MMDiT only: learned context tokens per class when context_dim == 0 (also sizes FLOP counts).
+    num_context_tokens: int = 4
+    # MMDiT only: width of the pooled text embedding added to the timestep embedding (0 = none).
+    pooled_dim: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.arch in ("dit", "mmdit"), f"arch must be 'dit' or 'mmdit', got {self.arch!r}.")
+        for name in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}.")
+        need(
+            self.image_size % self.patch_size == 0,
+            f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}.",
+        )
+        need(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}.",
+        )
+        # The 2D sin-cos table splits D into (h, w) halves, each split into (sin, cos).
+        need(self.hidden_size % 4 == 0, f"hidden_size must be a multiple of 4, got {self.hidden_size}.")
+        need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}.")
+        need(self.num_classes >= 0, f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}.")
+        need(self.pos_embed in ("sincos", "learned"), f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}.")
+        need(self.stem in ("patch", "conv"), f"stem must be 'patch' or 'conv', got {self.stem!r}.")
+        need(self.mlp in ("gelu", "swiglu"), f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}.")
+        need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
+        need(
+            self.attention in ("auto", "xla", "cudnn"),
+            f"attention must be 'auto', 'xla' or 'cudnn', got {self.attention!r}.",
+        )
+        need(
+            self.attention != "cudnn" or self.dtype in ("bfloat16", "float16"),
+            f"attention='cudnn' needs dtype bfloat16 or float16, got {self.dtype!r}.",
+        )
+        need(self.context_dim >= 0 and self.pooled_dim >= 0, "context_dim and pooled_dim must be >= 0.")
+        if self.arch == "dit":
+            need(
+                self.context_dim == 0 and self.pooled_dim == 0,
+                "context_dim and pooled_dim are MMDiT options; set them to 0 for arch='dit'.",
+            )
+        else:
+            need(
+                not (self.context_dim > 0 and self.num_classes > 0),
+                "MMDiT conditions on text embeddings (context_dim>0) or on classes (num_classes>0), not both.",
+            )
+            need(
+                self.context_dim > 0 or self.pooled_dim == 0,
+                "pooled_dim needs text conditioning (context_dim>0); class-token MMDiT pools a label embedding.",
+            )
+            need(self.num_context_tokens > 0, f"num_context_tokens must be > 0, got {self.num_context_tokens}.")
+
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> Any:
+        return _DTYPES[self.dtype]
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def uses_class_tokens(self) -> bool:
+        return self.arch == "mmdit" and self.context_dim == 0
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """`ModelConfig.from_preset("DiT-XL/2", image_size=32, num_classes=1000)`."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown model preset {name!r}; choose one of {', '.join(PRESETS)}.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig field(s) {unknown}; valid fields are {sorted(fields)}.")
+        return cls(**{**PRESETS[name], **overrides})

@@ -1,0 +1,106 @@
+"""DiT (Peebles & Xie 2023): patch tokens + adaLN-Zero transformer blocks conditioned on
+timestep + class embeddings. One timestep and one label embedder are shared by all blocks,
+as in the paper."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_mmdit.models.config import ModelConfig
+from jax_mmdit.models.layers import (
+    QKV,
+    FinalLayer,
+    LabelEmbedder,
+    Mlp,
+    Modulation,
+    PatchEmbed,
+    TimestepEmbedder,
+    attention,
+    linear,
+    ln_modulate,
+    make_pos_embed,
+    unpatchify,
+)
+
+
+class DiTBlock(nnx.Module):
+    """Pre-norm self-attention + MLP, each LayerNorm modulated and each branch gated by adaLN-Zero."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, dtype = cfg.hidden_size, cfg.compute_dtype
+        self.dtype, self.attention_impl = dtype, cfg.attention
+        self.modulation = Modulation(D, 6, dtype, rngs)
+        self.attn = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, rngs)
+        self.attn_out = linear(D, D, dtype, rngs)
+        self.mlp = Mlp(D, cfg.mlp_ratio, cfg.mlp, dtype, rngs)
+
+    def __call__(self, x_BxLxD: jax.Array, c_BxD: jax.Array) -> jax.Array:
+        B, L, D = x_BxLxD.shape
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c_BxD)
+
+        h_NxD = ln_modulate(x_BxLxD, shift_a, scale_a, self.dtype).reshape(B * L, D)
+        o_BxLxHxK = attention(*self.attn(h_NxD, B), self.attention_impl)
+        a_NxD = self.attn_out(o_BxLxHxK.reshape(B * L, D))
+        x_BxLxD = x_BxLxD + gate_a[:, None, :] * a_NxD.reshape(B, L, D)
+
+        h_NxD = ln_modulate(x_BxLxD, shift_m, scale_m, self.dtype).reshape(B * L, D)
+        m_NxD = self.mlp(h_NxD)
+        return x_BxLxD + gate_m[:, None, :] * m_NxD.reshape(B, L, D)
+
+
+def check_inputs(cfg: ModelConfig, x_BxHxWxC: jax.Array, t_B: jax.Array) -> None:
+    """Shape checks at trace time, so a wrong layout fails with a sentence, not an XLA error."""
+    want = (cfg.image_size, cfg.image_size, cfg.in_channels)
+    if x_BxHxWxC.ndim != 4 or tuple(x_BxHxWxC.shape[1:]) != want:
+        raise ValueError(f"Expected x of shape (B, {want[0]}, {want[1]}, {want[2]}) (NHWC), got {x_BxHxWxC.shape}.")
+    if t_B.shape != (x_BxHxWxC.shape[0],):
+        raise ValueError(f"Expected t of shape ({x_BxHxWxC.shape[0]},) with values in [0, 1], got {t_B.shape}.")
+
+
+def check_labels(cfg: ModelConfig, y_B: jax.Array | None, batch: int) -> None:
+    if cfg.num_classes > 0:
+        if y_B is None:
+            raise ValueError(f"This model is class-conditional; pass y (int, null class = {cfg.num_classes}).")
+        if y_B.shape != (batch,):
+            raise ValueError(f"Expected y of shape ({batch},), got {y_B.shape}.")
+
+
+class DiT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        if cfg.arch != "dit":
+            raise ValueError(f"DiT needs cfg.arch == 'dit', got {cfg.arch!r}.")
+        self.cfg = cfg
+        D, dtype = cfg.hidden_size, cfg.compute_dtype
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, rngs)
+        self.pos_embed = make_pos_embed(cfg.pos_embed, cfg.grid_size, D, rngs)
+        self.t_embedder = TimestepEmbedder(D, dtype, rngs)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, rngs) if cfg.num_classes > 0 else None
+        self.blocks = nnx.List([DiTBlock(cfg, rngs) for _ in range(cfg.depth)])
+        self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, rngs)
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    def __call__(self, x_BxHxWxC: jax.Array, t_B: jax.Array, y_B: jax.Array | None = None) -> jax.Array:
+        """Velocity (or 2C channels with learn_sigma) for noisy x at time t in [0, 1], float32.
+        y is ignored by an unconditional model (num_classes == 0)."""
+        cfg = self.cfg
+        check_inputs(cfg, x_BxHxWxC, t_B)
+        check_labels(cfg, y_B, x_BxHxWxC.shape[0])
+
+        x_BxLxD = self.patch_embed(x_BxHxWxC) + self.pos_embed[...][None]
+        c_BxD = self.t_embedder(t_B)
+        if self.y_embedder is not None:
+            c_BxD = c_BxD + self.y_embedder(y_B)
+
+        for block in self.blocks:
+            if cfg.remat:
+                x_BxLxD = nnx.remat(lambda blk, x, c: blk(x, c))(block, x_BxLxD, c_BxD)
+            else:
+                x_BxLxD = block(x_BxLxD, c_BxD)
+
+        out_BxLxK = self.final(x_BxLxD, c_BxD)
+        return unpatchify(out_BxLxK, cfg.patch_size, cfg.out_channels).astype(jnp.float32)

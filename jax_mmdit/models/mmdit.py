@@ -1,0 +1,174 @@
+"""MMDiT (Esser et al. 2024, Stable Diffusion 3): image tokens and context tokens keep separate
+weights (adaLN modulation, QKV, output projection, MLP) but attend jointly over the concatenation.
+The conditioning vector c = timestep embedding + pooled-condition embedding drives every adaLN.
+
+Context comes from one of two sources:
+- text (`context_dim > 0`): precomputed token embeddings projected by a Linear, plus an optional
+  pooled embedding (`pooled_dim > 0`) through an MLP; exactly the SD3 layout (see convert.py);
+- classes (`context_dim == 0`): `num_context_tokens` learned tokens per class and a label
+  embedding as the pooled condition, both with a null row for CFG, so MMDiT trains on the same
+  class-labelled data as DiT. An unconditional model (num_classes == 0) always uses the null row.
+
+The last block's context stream is "pre-only" (SD3): it only supplies keys/values, since its
+output would be discarded."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_mmdit.models.config import ModelConfig
+from jax_mmdit.models.dit import check_inputs, check_labels
+from jax_mmdit.models.layers import (
+    QKV,
+    FinalLayer,
+    LabelEmbedder,
+    Mlp,
+    MlpEmbedder,
+    Modulation,
+    PatchEmbed,
+    TimestepEmbedder,
+    attention,
+    linear,
+    ln_modulate,
+    make_pos_embed,
+    unpatchify,
+)
+
+
+class MMDiTBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, pre_only: bool, rngs: nnx.Rngs):
+        D, dtype = cfg.hidden_size, cfg.compute_dtype
+        self.dtype, self.attention_impl, self.pre_only = dtype, cfg.attention, pre_only
+        # image stream
+        self.x_modulation = Modulation(D, 6, dtype, rngs)
+        self.x_attn = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, rngs)
+        self.x_attn_out = linear(D, D, dtype, rngs)
+        self.x_mlp = Mlp(D, cfg.mlp_ratio, cfg.mlp, dtype, rngs)
+        # context stream; pre-only needs just (shift, scale) for the pre-attention norm
+        self.c_modulation = Modulation(D, 2 if pre_only else 6, dtype, rngs)
+        self.c_attn = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, rngs)
+        self.c_attn_out = None if pre_only else linear(D, D, dtype, rngs)
+        self.c_mlp = None if pre_only else Mlp(D, cfg.mlp_ratio, cfg.mlp, dtype, rngs)
+
+    def __call__(
+        self, x_BxLxD: jax.Array, ctx_BxTxD: jax.Array, c_BxD: jax.Array
+    ) -> tuple[jax.Array, jax.Array | None]:
+        B, L, D = x_BxLxD.shape
+        T = ctx_BxTxD.shape[1]
+        xs_a, xsc_a, xg_a, xs_m, xsc_m, xg_m = self.x_modulation(c_BxD)
+        if self.pre_only:
+            cs_a, csc_a = self.c_modulation(c_BxD)
+        else:
+            cs_a, csc_a, cg_a, cs_m, csc_m, cg_m = self.c_modulation(c_BxD)
+
+        hx_NxD = ln_modulate(x_BxLxD, xs_a, xsc_a, self.dtype).reshape(B * L, D)
+        hc_MxD = ln_modulate(ctx_BxTxD, cs_a, csc_a, self.dtype).reshape(B * T, D)
+        qx, kx, vx = self.x_attn(hx_NxD, B)
+        qc, kc, vc = self.c_attn(hc_MxD, B)
+        # Image tokens first (diffusers order); joint attention is permutation-equivariant anyway.
+        o_BxSxHxK = attention(
+            jnp.concatenate([qx, qc], axis=1),
+            jnp.concatenate([kx, kc], axis=1),
+            jnp.concatenate([vx, vc], axis=1),
+            self.attention_impl,
+        )
+
+        ax_NxD = self.x_attn_out(o_BxSxHxK[:, :L].reshape(B * L, D))
+        x_BxLxD = x_BxLxD + xg_a[:, None, :] * ax_NxD.reshape(B, L, D)
+        hx_NxD = ln_modulate(x_BxLxD, xs_m, xsc_m, self.dtype).reshape(B * L, D)
+        x_BxLxD = x_BxLxD + xg_m[:, None, :] * self.x_mlp(hx_NxD).reshape(B, L, D)
+        if self.pre_only:
+            return x_BxLxD, None
+
+        ac_MxD = self.c_attn_out(o_BxSxHxK[:, L:].reshape(B * T, D))
+        ctx_BxTxD = ctx_BxTxD + cg_a[:, None, :] * ac_MxD.reshape(B, T, D)
+        hc_MxD = ln_modulate(ctx_BxTxD, cs_m, csc_m, self.dtype).reshape(B * T, D)
+        ctx_BxTxD = ctx_BxTxD + cg_m[:, None, :] * self.c_mlp(hc_MxD).reshape(B, T, D)
+        return x_BxLxD, ctx_BxTxD
+
+
+class MMDiT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        if cfg.arch != "mmdit":
+            raise ValueError(f"MMDiT needs cfg.arch == 'mmdit', got {cfg.arch!r}.")
+        self.cfg = cfg
+        D, dtype = cfg.hidden_size, cfg.compute_dtype
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, rngs)
+        self.pos_embed = make_pos_embed(cfg.pos_embed, cfg.grid_size, D, rngs)
+        self.t_embedder = TimestepEmbedder(D, dtype, rngs)
+        if cfg.uses_class_tokens:
+            self.class_tokens = LabelEmbedder(cfg.num_classes, cfg.num_context_tokens * D, rngs)
+            self.pooled_embedder = LabelEmbedder(cfg.num_classes, D, rngs)
+            self.context_embedder = None
+        else:
+            self.class_tokens = None
+            self.context_embedder = linear(cfg.context_dim, D, dtype, rngs)
+            self.pooled_embedder = MlpEmbedder(cfg.pooled_dim, D, dtype, rngs) if cfg.pooled_dim > 0 else None
+        self.blocks = nnx.List([MMDiTBlock(cfg, pre_only=(i == cfg.depth - 1), rngs=rngs) for i in range(cfg.depth)])
+        self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, rngs)
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    def _condition(
+        self, y_B: jax.Array | None, context_BxTxE: jax.Array | None, pooled_BxP: jax.Array | None, batch: int
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """-> (context tokens (B, T, D) float32, pooled embedding (B, D) or None)."""
+        cfg, D = self.cfg, self.cfg.hidden_size
+        if cfg.uses_class_tokens:
+            if context_BxTxE is not None or pooled_BxP is not None:
+                raise ValueError("This MMDiT uses learned class tokens (context_dim=0); pass y, not context/pooled.")
+            check_labels(cfg, y_B, batch)
+            if cfg.num_classes == 0:
+                y_B = jnp.full((batch,), cfg.null_class, jnp.int32)
+            ctx = self.class_tokens(y_B).reshape(batch, cfg.num_context_tokens, D)
+            return ctx, self.pooled_embedder(y_B)
+
+        if y_B is not None:
+            raise ValueError("This MMDiT is text-conditioned (context_dim>0); pass context/pooled, not y.")
+        if context_BxTxE is None or context_BxTxE.ndim != 3 or context_BxTxE.shape[0] != batch:
+            got = None if context_BxTxE is None else context_BxTxE.shape
+            raise ValueError(f"Expected context of shape ({batch}, T, {cfg.context_dim}), got {got}.")
+        if context_BxTxE.shape[2] != cfg.context_dim:
+            raise ValueError(f"Expected context width {cfg.context_dim}, got {context_BxTxE.shape[2]}.")
+        B, T, E = context_BxTxE.shape
+        ctx = self.context_embedder(context_BxTxE.reshape(B * T, E)).astype(jnp.float32).reshape(B, T, D)
+        if self.pooled_embedder is None:
+            if pooled_BxP is not None:
+                raise ValueError("This MMDiT has pooled_dim=0; do not pass pooled.")
+            return ctx, None
+        if pooled_BxP is None or pooled_BxP.shape != (batch, cfg.pooled_dim):
+            got = None if pooled_BxP is None else pooled_BxP.shape
+            raise ValueError(f"Expected pooled of shape ({batch}, {cfg.pooled_dim}), got {got}.")
+        return ctx, self.pooled_embedder(pooled_BxP)
+
+    def __call__(
+        self,
+        x_BxHxWxC: jax.Array,
+        t_B: jax.Array,
+        y_B: jax.Array | None = None,
+        context_BxTxE: jax.Array | None = None,
+        pooled_BxP: jax.Array | None = None,
+    ) -> jax.Array:
+        """Velocity for noisy x at time t in [0, 1], float32 (2C channels with learn_sigma)."""
+        cfg = self.cfg
+        check_inputs(cfg, x_BxHxWxC, t_B)
+        B = x_BxHxWxC.shape[0]
+        ctx_BxTxD, pooled_BxD = self._condition(y_B, context_BxTxE, pooled_BxP, B)
+
+        x_BxLxD = self.patch_embed(x_BxHxWxC) + self.pos_embed[...][None]
+        c_BxD = self.t_embedder(t_B)
+        if pooled_BxD is not None:
+            c_BxD = c_BxD + pooled_BxD
+
+        for block in self.blocks:
+            if cfg.remat:
+                x_BxLxD, ctx_BxTxD = nnx.remat(lambda blk, x, ctx, c: blk(x, ctx, c))(block, x_BxLxD, ctx_BxTxD, c_BxD)
+            else:
+                x_BxLxD, ctx_BxTxD = block(x_BxLxD, ctx_BxTxD, c_BxD)
+
+        out_BxLxK = self.final(x_BxLxD, c_BxD)
+        return unpatchify(out_BxLxK, cfg.patch_size, cfg.out_channels).astype(jnp.float32)
