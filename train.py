@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     if args.learning_rate is not None:
         out += ["--optim.learning_rate", str(args.learning_rate)]
     if args.profile:
-        out += ["--profile", "True"]
+        out += ["--profile"]
     if args.half_precision:
         out += ["--precision", "bf16"]
     return cli.main(["train", *out, *rest])
