@@ -111,7 +111,9 @@ class ModelConfig:
         need(self.hidden_size % 4 == 0, f"hidden_size must be a multiple of 4, got {self.hidden_size}.")
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}.")
         need(self.num_classes >= 0, f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}.")
-        need(self.pos_embed in ("sincos", "learned"), f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}.")
+        need(
+            self.pos_embed in ("sincos", "learned"), f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}."
+        )
         need(self.stem in ("patch", "conv"), f"stem must be 'patch' or 'conv', got {self.stem!r}.")
         need(self.mlp in ("gelu", "swiglu"), f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}.")
         need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")

@@ -63,7 +63,7 @@ class _Source:
     def check_all_used(self) -> None:
         left = sorted(set(self.sd) - self.used)
         if left:
-            raise ValueError(f"{len(left)} source tensors have no place in our model (unsupported feature?): {left[:8]}")
+            raise ValueError(f"{len(left)} source tensors have no place in our model (unsupported?): {left[:8]}")
 
 
 def _put_linear(target: dict[str, np.ndarray], ours: str, kernel_bias: tuple[np.ndarray, np.ndarray]) -> None:

@@ -41,8 +41,8 @@ class DiTBlock(nnx.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c_BxD)
 
         h_NxD = ln_modulate(x_BxLxD, shift_a, scale_a, self.dtype).reshape(B * L, D)
-        o_BxLxHxK = attention(*self.attn(h_NxD, B), self.attention_impl)
-        a_NxD = self.attn_out(o_BxLxHxK.reshape(B * L, D))
+        o_BxLxD = attention(*self.attn(h_NxD, B), self.attention_impl)
+        a_NxD = self.attn_out(o_BxLxD.reshape(B * L, D))
         x_BxLxD = x_BxLxD + gate_a[:, None, :] * a_NxD.reshape(B, L, D)
 
         h_NxD = ln_modulate(x_BxLxD, shift_m, scale_m, self.dtype).reshape(B * L, D)
@@ -53,9 +53,9 @@ class DiTBlock(nnx.Module):
 def check_inputs(cfg: ModelConfig, x_BxHxWxC: jax.Array, t_B: jax.Array) -> None:
     """Shape checks at trace time, so a wrong layout fails with a sentence, not an XLA error."""
     want = (cfg.image_size, cfg.image_size, cfg.in_channels)
-    if x_BxHxWxC.ndim != 4 or tuple(x_BxHxWxC.shape[1:]) != want:
+    if jnp.ndim(x_BxHxWxC) != 4 or tuple(jnp.shape(x_BxHxWxC)[1:]) != want:
         raise ValueError(f"Expected x of shape (B, {want[0]}, {want[1]}, {want[2]}) (NHWC), got {x_BxHxWxC.shape}.")
-    if t_B.shape != (x_BxHxWxC.shape[0],):
+    if jnp.shape(t_B) != (x_BxHxWxC.shape[0],):
         raise ValueError(f"Expected t of shape ({x_BxHxWxC.shape[0]},) with values in [0, 1], got {t_B.shape}.")
 
 
@@ -63,7 +63,7 @@ def check_labels(cfg: ModelConfig, y_B: jax.Array | None, batch: int) -> None:
     if cfg.num_classes > 0:
         if y_B is None:
             raise ValueError(f"This model is class-conditional; pass y (int, null class = {cfg.num_classes}).")
-        if y_B.shape != (batch,):
+        if jnp.shape(y_B) != (batch,):
             raise ValueError(f"Expected y of shape ({batch},), got {y_B.shape}.")
 
 

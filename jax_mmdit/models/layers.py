@@ -208,7 +208,8 @@ class FinalLayer(nnx.Module):
 # ---- attention / MLP -----------------------------------------------------------------------------
 class QKV(nnx.Module):
     """Fused q/k/v projection of one token stream (one matmul), optional per-head RMS QK-norm.
-    Kernel columns are [q | k | v], each (heads, head_dim): the layout of DiT/timm's qkv Linear."""
+    Kernel columns are [q | k | v], each (heads, head_dim): the layout of DiT/timm's qkv Linear.
+    Returns heads-major (B, N, L, K) tensors, the layout the attention matmuls want."""
 
     def __init__(self, hidden: int, num_heads: int, qk_norm: bool, dtype: Dtype, rngs: nnx.Rngs):
         self.num_heads = num_heads
@@ -217,19 +218,42 @@ class QKV(nnx.Module):
         self.q_norm = RMSNorm(head_dim) if qk_norm else None
         self.k_norm = RMSNorm(head_dim) if qk_norm else None
 
-    def __call__(self, h_NxD: jax.Array, batch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        N, D = h_NxD.shape
-        qkv = self.qkv(h_NxD).reshape(batch, N // batch, 3, self.num_heads, D // self.num_heads)
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    def __call__(self, h_MxD: jax.Array, batch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        M, D = h_MxD.shape
+        N = self.num_heads
+        qkv_3xBxNxLxK = self.qkv(h_MxD).reshape(batch, M // batch, 3, N, D // N).transpose(2, 0, 3, 1, 4)
+        q_BxNxLxK, k_BxNxLxK, v_BxNxLxK = qkv_3xBxNxLxK[0], qkv_3xBxNxLxK[1], qkv_3xBxNxLxK[2]
         if self.q_norm is not None:
-            q_BxLxHxK, k_BxLxHxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxHxK)
-        return q_BxLxHxK, k_BxLxHxK, v_BxLxHxK
+            q_BxNxLxK, k_BxNxLxK = self.q_norm(q_BxNxLxK), self.k_norm(k_BxNxLxK)
+        return q_BxNxLxK, k_BxNxLxK, v_BxNxLxK
 
 
-def attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, implementation: str) -> jax.Array:
-    """Softmax attention; jax computes logits and softmax in fp32 for half inputs."""
-    impl = None if implementation == "auto" else implementation
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, implementation=impl)
+def attention(q_BxNxLxK: jax.Array, k_BxNxSxK: jax.Array, v_BxNxSxK: jax.Array, implementation: str) -> jax.Array:
+    """Softmax attention -> (B, L, N*K). Logits, softmax statistics and accumulation are fp32.
+
+    "auto" off-CPU and "cudnn" call `jax.nn.dot_product_attention` (implementation None lets jax
+    choose; it picks XLA as of jax 0.10). "xla" and "auto" on CPU use the einsum below, measured
+    on XLA:CPU (B=32, L=256, 6x64 heads) at 31 ms forward / 155 ms forward+backward against 96 / 260
+    ms for jax's version: the heads-major layout avoids transposes around the batched matmuls and
+    normalising the (L, K) output instead of the (L, S) probabilities saves a pass over the logits."""
+    B, N, L, K = q_BxNxLxK.shape
+    if implementation == "cudnn" or (implementation == "auto" and jax.default_backend() != "cpu"):
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q_BxNxLxK, k_BxNxSxK, v_BxNxSxK))
+        impl = "cudnn" if implementation == "cudnn" else None
+        return jax.nn.dot_product_attention(q, k, v, implementation=impl).reshape(B, L, N * K)
+
+    # Scaling q rather than the logits: XLA:CPU materialised the broadcast scale at logits size.
+    q_BxNxLxK = q_BxNxLxK * jnp.asarray(K**-0.5, q_BxNxLxK.dtype)
+    logits_BxNxLxS = jnp.einsum("bnlk,bnsk->bnls", q_BxNxLxK, k_BxNxSxK, preferred_element_type=jnp.float32)
+    # Max-subtraction only guards exp against overflow; softmax is invariant to it, so no gradient.
+    logits_BxNxLxS = logits_BxNxLxS - jax.lax.stop_gradient(jnp.max(logits_BxNxLxS, axis=-1, keepdims=True))
+    p_BxNxLxS = jnp.exp(logits_BxNxLxS)
+    denom_BxNxLx1 = jnp.sum(p_BxNxLxS, axis=-1, keepdims=True)
+    o_BxNxLxK = jnp.einsum(
+        "bnls,bnsk->bnlk", p_BxNxLxS.astype(v_BxNxSxK.dtype), v_BxNxSxK, preferred_element_type=jnp.float32
+    )
+    o_BxNxLxK = (o_BxNxLxK / denom_BxNxLx1).astype(v_BxNxSxK.dtype)
+    return o_BxNxLxK.transpose(0, 2, 1, 3).reshape(B, L, N * K)
 
 
 class Mlp(nnx.Module):

@@ -57,35 +57,35 @@ class MMDiTBlock(nnx.Module):
     ) -> tuple[jax.Array, jax.Array | None]:
         B, L, D = x_BxLxD.shape
         T = ctx_BxTxD.shape[1]
-        xs_a, xsc_a, xg_a, xs_m, xsc_m, xg_m = self.x_modulation(c_BxD)
+        x_shift_a, x_scale_a, x_gate_a, x_shift_m, x_scale_m, x_gate_m = self.x_modulation(c_BxD)
         if self.pre_only:
-            cs_a, csc_a = self.c_modulation(c_BxD)
+            c_shift_a, c_scale_a = self.c_modulation(c_BxD)
         else:
-            cs_a, csc_a, cg_a, cs_m, csc_m, cg_m = self.c_modulation(c_BxD)
+            c_shift_a, c_scale_a, c_gate_a, c_shift_m, c_scale_m, c_gate_m = self.c_modulation(c_BxD)
 
-        hx_NxD = ln_modulate(x_BxLxD, xs_a, xsc_a, self.dtype).reshape(B * L, D)
-        hc_MxD = ln_modulate(ctx_BxTxD, cs_a, csc_a, self.dtype).reshape(B * T, D)
+        hx_NxD = ln_modulate(x_BxLxD, x_shift_a, x_scale_a, self.dtype).reshape(B * L, D)
+        hc_MxD = ln_modulate(ctx_BxTxD, c_shift_a, c_scale_a, self.dtype).reshape(B * T, D)
         qx, kx, vx = self.x_attn(hx_NxD, B)
         qc, kc, vc = self.c_attn(hc_MxD, B)
         # Image tokens first (diffusers order); joint attention is permutation-equivariant anyway.
-        o_BxSxHxK = attention(
-            jnp.concatenate([qx, qc], axis=1),
-            jnp.concatenate([kx, kc], axis=1),
-            jnp.concatenate([vx, vc], axis=1),
+        o_BxSxD = attention(
+            jnp.concatenate([qx, qc], axis=2),
+            jnp.concatenate([kx, kc], axis=2),
+            jnp.concatenate([vx, vc], axis=2),
             self.attention_impl,
         )
 
-        ax_NxD = self.x_attn_out(o_BxSxHxK[:, :L].reshape(B * L, D))
-        x_BxLxD = x_BxLxD + xg_a[:, None, :] * ax_NxD.reshape(B, L, D)
-        hx_NxD = ln_modulate(x_BxLxD, xs_m, xsc_m, self.dtype).reshape(B * L, D)
-        x_BxLxD = x_BxLxD + xg_m[:, None, :] * self.x_mlp(hx_NxD).reshape(B, L, D)
+        ax_NxD = self.x_attn_out(o_BxSxD[:, :L].reshape(B * L, D))
+        x_BxLxD = x_BxLxD + x_gate_a[:, None, :] * ax_NxD.reshape(B, L, D)
+        hx_NxD = ln_modulate(x_BxLxD, x_shift_m, x_scale_m, self.dtype).reshape(B * L, D)
+        x_BxLxD = x_BxLxD + x_gate_m[:, None, :] * self.x_mlp(hx_NxD).reshape(B, L, D)
         if self.pre_only:
             return x_BxLxD, None
 
-        ac_MxD = self.c_attn_out(o_BxSxHxK[:, L:].reshape(B * T, D))
-        ctx_BxTxD = ctx_BxTxD + cg_a[:, None, :] * ac_MxD.reshape(B, T, D)
-        hc_MxD = ln_modulate(ctx_BxTxD, cs_m, csc_m, self.dtype).reshape(B * T, D)
-        ctx_BxTxD = ctx_BxTxD + cg_m[:, None, :] * self.c_mlp(hc_MxD).reshape(B, T, D)
+        ac_MxD = self.c_attn_out(o_BxSxD[:, L:].reshape(B * T, D))
+        ctx_BxTxD = ctx_BxTxD + c_gate_a[:, None, :] * ac_MxD.reshape(B, T, D)
+        hc_MxD = ln_modulate(ctx_BxTxD, c_shift_m, c_scale_m, self.dtype).reshape(B * T, D)
+        ctx_BxTxD = ctx_BxTxD + c_gate_m[:, None, :] * self.c_mlp(hc_MxD).reshape(B, T, D)
         return x_BxLxD, ctx_BxTxD
 
 
