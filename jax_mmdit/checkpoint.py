@@ -63,9 +63,11 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many types; the user needs one readable line
+            detail = (str(e).splitlines() or [""])[0]
+            detail = detail if len(detail) <= 300 else detail[:300] + "..."
             raise CheckpointError(
-                f"Could not restore checkpoint step {step} from {self.directory}: "
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                f"Could not restore checkpoint step {step} from {self.directory} (corrupt or "
+                f"incompatible with this model): {type(e).__name__}: {detail}"
             ) from e
         if data_iterator is not None and not _is_grain_iterator(data_iterator):
             data_iterator.set_state(restored["data"])

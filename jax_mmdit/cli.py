@@ -194,7 +194,11 @@ def run_guarded(fn, argv) -> int:
         if os.environ.get("MMDIT_DEBUG"):
             raise
         print(f"mmdit: error: {e}", file=sys.stderr)
-        return 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # A failed Orbax/TensorStore read leaves async threads that print tracebacks during
+        # interpreter teardown; nothing is left to save, so skip the teardown.
+        os._exit(1)
 
 
 if __name__ == "__main__":

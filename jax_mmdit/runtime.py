@@ -21,6 +21,13 @@ def configure() -> None:
         if name not in flags:
             flags = f"{flags} {flag}"
     os.environ["XLA_FLAGS"] = flags.strip()
+    # Orbax/absl warn at WARNING level about routine things (read-only managers, async saves).
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
     # Grain 0.2.18 workers read an absl flag before absl has parsed argv (upstream bug): mark parsed.
     try:
         from absl import flags as absl_flags
