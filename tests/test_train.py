@@ -205,3 +205,12 @@ def test_two_processes_with_jax_distributed_match_single_process(tmp_path):
     assert got[0] == got[1]  # both processes see the same global loss
     ref, _ = run_losses(tiny(tmp_path, mesh=MeshConfig(data=2)), jax.devices()[:2], n=2)
     np.testing.assert_allclose(got[0], ref, atol=1e-5, rtol=0)
+
+
+def test_mmdit_with_class_tokens_trains_sharded_like_single_device(tmp_path):
+    base = tiny(tmp_path)
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, arch="mmdit", qk_norm=True))
+    ref, _ = run_losses(dataclasses.replace(cfg, mesh=MeshConfig(data=1)), jax.devices()[:1])
+    got, _ = run_losses(dataclasses.replace(cfg, mesh=MeshConfig(data=2, fsdp=4)), jax.devices()[:8])
+    assert len(set(np.round(ref, 6))) == N_STEPS  # the parameters really change
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
