@@ -31,7 +31,7 @@ test: setup
 	$(PY) -m pytest -q $(ARGS)
 
 bench: setup
-	$(PY) benchmarks/bench_train.py $(ARGS)
+	$(PY) -m benchmarks.bench_train $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

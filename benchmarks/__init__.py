@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.bench_train` (see docs/performance.md)."""

@@ -1,0 +1,336 @@
+"""Training-step benchmark: jax_mmdit's DiT against diffusers' PyTorch DiT, in one invocation.
+
+    python -m benchmarks.bench_train            # CPU table (~30 min on 2 cores)
+    python -m benchmarks.bench_train --quick    # tiny shapes, CI smoke (< 2 min)
+    python -m benchmarks.bench_train --gpu      # DiT-B/2, DiT-XL/2 bf16 on a GPU, MFU vs the card's peak
+
+Every implementation runs in its own worker process (benchmarks/workers.py), so one's memory or
+thread pools cannot affect another's numbers. The workers of one config are all started (and
+compiled) first, then the orchestrator alternates timed segments between them for several
+rounds, rotating the order, and takes per-implementation medians: noise from other jobs on the
+machine then lands on all rows alike and the ratios stay meaningful.
+
+FLOPs come from XLA's cost analysis of our compiled fp32 step; the same count is used for every
+row of a config (same model maths), so GFLOP/s compare like for like. The sgemm peak is numpy's
+fp32 matmul measured in the same invocation (before and after; the larger is quoted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.workers import PREFIX
+
+REPO = Path(__file__).resolve().parent.parent
+# PyTorch's intra-op threads: one per core of the 2-core machine the reference numbers come from
+# (XLA:CPU also uses one thread per core by default). Overridable with --torch-threads.
+TORCH_THREADS = 2
+GIB = 2.0**30
+
+
+@dataclass
+class Impl:
+    label: str
+    spec: dict  # merged into the config's spec
+    reference: bool = False  # the row ratios are computed against (PyTorch eager fp32)
+
+
+@dataclass
+class Group:
+    name: str
+    spec: dict  # kind-independent: base preset, model overrides, batch
+    impls: list[Impl]
+    extras: list[Impl] = field(default_factory=list)  # sampling / data loading, not train rows
+
+
+# ---- workers -------------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, label: str, spec: dict, log_dir: Path, verbose: bool):
+        self.label = label
+        self.spec = spec
+        self.log = log_dir / (label.replace(" ", "_").replace("/", "-") + ".log")
+        err = None if verbose else open(self.log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.workers", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        self.info: dict = {}
+        self.step_seconds: list[float] = []
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(PREFIX):
+                return json.loads(line[len(PREFIX):])
+        rc = self.proc.wait()
+        tail = self.log.read_text()[-1500:] if self.log.exists() else ""
+        return {"error": f"worker exited with code {rc}", "log_tail": tail}
+
+    def send(self, obj: dict) -> None:
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def run(self, n: int) -> None:
+        self.send({"op": "run", "n": n})
+        r = self.read()
+        if "seconds" in r:
+            self.step_seconds.append(r["seconds"] / r["n"])
+        else:
+            self.info.setdefault("error", r.get("error", "no result"))
+
+    def quit(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send({"op": "quit"})
+                self.info.update({k: v for k, v in self.read().items() if k in ("peak_rss", "idle_rss")})
+            except (BrokenPipeError, OSError):
+                pass
+        self.proc.wait()
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.step_seconds) if self.step_seconds else None
+
+
+def start(label: str, spec: dict, args) -> Worker:
+    """Start a worker and wait until it has compiled and warmed up (one at a time: compiles must
+    not compete with each other, and only one process should hold activation memory)."""
+    w = Worker(label, spec, args.log_dir, args.verbose)
+    w.info = w.read()
+    status = f"error: {w.info['error']}" if "error" in w.info else f"ready ({w.info.get('warm_step_s', 0):.3g} s/step)"
+    print(f"  [{label}] {status}", file=sys.stderr, flush=True)
+    return w
+
+
+def start_with_fallback(label: str, spec: dict, args) -> Worker:
+    """On a GPU, halve the batch until the step fits (the brief: 256 or the largest that fits)."""
+    w = start(label, spec, args)
+    while w.info.get("oom") and spec["batch"] > 1:
+        w.quit()
+        spec = {**spec, "batch": spec["batch"] // 2}
+        w = start(f"{label} b{spec['batch']}", spec, args)
+    return w
+
+
+def measure_group(g: Group, args) -> list[Worker]:
+    print(f"[{g.name}] starting workers", file=sys.stderr, flush=True)
+    workers = []
+    for impl in g.impls + g.extras:
+        spec = {**g.spec, **impl.spec}
+        w = start_with_fallback(impl.label, spec, args) if args.gpu else start(impl.label, spec, args)
+        w.impl = impl
+        workers.append(w)
+    live = [w for w in workers if "error" not in w.info]
+    for r in range(args.rounds):
+        # Rotate the order each round: no implementation always runs right after another.
+        k = r % max(len(live), 1)
+        for w in live[k:] + live[:k]:
+            n = max(1, round(args.segment_s / max(w.info["warm_step_s"], 1e-6)))
+            w.run(n)
+        print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    for w in workers:
+        w.quit()
+    return workers
+
+
+def matmul_peak(args) -> dict:
+    spec = {"kind": "matmul_peak", "threads": args.torch_threads}
+    if args.quick:
+        spec.update(sizes=[1024, 2048], reps=3)
+    w = Worker("matmul_peak", spec, args.log_dir, args.verbose)
+    r = w.read()
+    w.proc.wait()
+    return r.get("result", {})
+
+
+# ---- cases ---------------------------------------------------------------------------------------
+def train_impls(args) -> list[Impl]:
+    if args.gpu:
+        impls = [Impl("jax bf16", {"kind": "jax_train", "precision": "bf16"})]
+        if args.with_fp32:
+            impls.append(Impl("jax fp32", {"kind": "jax_train", "precision": "fp32"}))
+        if not args.no_torch and _torch_cuda():
+            impls.append(Impl("torch bf16 autocast", {"kind": "torch_train", "precision": "bf16", "cuda": True}))
+        return impls
+    t = {"kind": "torch_train", "threads": args.torch_threads}
+    impls = [Impl(f"jax {p}", {"kind": "jax_train", "precision": p}) for p in args.precisions]
+    for variant in args.jax_variant:
+        label, flags = variant.split(":", 1)
+        for prec in args.precisions:
+            impls.append(Impl(f"jax {prec} {label}", {"kind": "jax_train", "precision": prec, "xla_flags": flags}))
+    if args.ref_src:
+        for prec in args.precisions:
+            impls.append(Impl(f"jax {prec} @ref", {"kind": "jax_train", "precision": prec, "src": str(args.ref_src)}))
+    if not args.no_torch and _has("torch") and _has("diffusers"):
+        impls += [
+            Impl("torch eager fp32", {**t, "precision": "fp32"}, reference=True),
+            Impl("torch eager bf16 autocast", {**t, "precision": "bf16"}),
+        ]
+        if args.torch_compile:
+            impls += [
+                Impl("torch.compile fp32", {**t, "precision": "fp32", "compile": True}),
+                Impl("torch.compile bf16 autocast", {**t, "precision": "bf16", "compile": True}),
+            ]
+    return impls
+
+
+def groups(args) -> list[Group]:
+    impls = train_impls(args)
+    default_extras = [
+        Impl("sampling 50 Euler + CFG", {"kind": "jax_sample", "batch": 8 if args.quick else 64, "steps": 50}),
+        Impl("data loader", {"kind": "data_loader"}),
+    ]
+    if args.gpu:
+        latents = {"image_size": 32, "in_channels": 4, "num_classes": 1000}
+        return [
+            Group(f"{p} 32x32x4 b{args.gpu_batch}", {"preset": p, "model": latents, "batch": args.gpu_batch}, impls)
+            for p in ("DiT-B/2", "DiT-XL/2")
+        ]
+    if args.quick:
+        tiny = {"image_size": 16, "in_channels": 3, "hidden_size": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
+        return [Group("tiny DiT 16x16x3 b8", {"model": tiny, "batch": 8}, impls, default_extras)]
+    s2 = {"image_size": 32, "in_channels": 3, "num_classes": 10}
+    all_groups = {
+        "s2-b32": Group("DiT-S/2 32x32x3 b32", {"preset": "DiT-S/2", "model": s2, "batch": 32}, impls),
+        "s2-b128": Group("DiT-S/2 32x32x3 b128", {"preset": "DiT-S/2", "model": s2, "batch": 128}, impls),
+        "default": Group("fashion_mnist (default) b128", {"base": "fashion_mnist", "batch": 128}, impls, default_extras),
+    }
+    return [all_groups[k] for k in (args.only or all_groups)]
+
+
+def _has(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+def _torch_cuda() -> bool:
+    if not _has("torch"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ---- report --------------------------------------------------------------------------------------
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -> str:
+    peak = max((p.get("numpy_fp32", 0.0) for p in peaks), default=0.0) * 1e9 or None
+    lines = []
+    host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    lines.append(f"# bench_train {datetime.date.today()} on {host} ({'quick' if args.quick else 'gpu' if args.gpu else 'full'})")
+    if peaks:
+        lines.append("matmul GFLOP/s (best size, median): " + "; ".join(
+            f"run {i + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) for i, p in enumerate(peaks)))
+    head = "| config | impl | img/s | vs torch fp32 | GFLOP/s | % sgemm peak | MFU | XLA plan GiB | peak RSS GiB | compile s |"
+    lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
+    for g, workers in results:
+        train = [w for w in workers if w.impl in g.impls]
+        # One FLOP count per image for every row of a config: the jax fp32 step's (same model maths).
+        counted = [w for w in train if w.info.get("flops")]
+        counted.sort(key=lambda w: w.spec.get("precision") != "fp32")
+        flops_per_img = counted[0].info["flops"] / counted[0].info["batch"] if counted else None
+        ref = next((w for w in train if w.impl.reference and w.median_s), None)
+        for w in train:
+            if "error" in w.info:
+                lines.append(f"| {g.name} | {w.label} | error: {w.info['error'][:80]} | | | | | | | |")
+                continue
+            s, b = w.median_s, w.info.get("batch", g.spec["batch"])
+            f = flops_per_img * b if flops_per_img else None
+            gfs = f / s / 1e9 if f and s else None
+            mfu = f / s / w.info["peak_flops"] * 100 if f and s and w.info.get("peak_flops") else None
+            lines.append(
+                f"| {g.name}{'' if b == g.spec['batch'] else f' (b{b})'} | {w.label} | {_fmt(b / s if s else None, '.2f')} | "
+                f"{_fmt(ref.median_s / s if ref and s else None, '.2f')} | {_fmt(gfs, '.0f')} | "
+                f"{_fmt(gfs * 1e9 / peak * 100 if gfs and peak else None, '.0f')} | {_fmt(mfu, '.1f')} | "
+                f"{_fmt(w.info['xla_plan'] / GIB if w.info.get('xla_plan') else None, '.2f')} | "
+                f"{_fmt(w.info['peak_rss'] / GIB if w.info.get('peak_rss') else None, '.2f')} | "
+                f"{_fmt(w.info.get('compile_s') if w.spec['kind'] == 'jax_train' else None, '.0f')} |"
+            )
+        extras = [w for w in workers if w.impl in g.extras]
+        best_train = max((w.info.get("batch", 0) / w.median_s for w in train if w.median_s and w.impl.spec.get("kind") == "jax_train"), default=None)
+        for w in extras:
+            if "error" in w.info or not w.median_s:
+                lines.append(f"\n{g.name} {w.label}: error: {w.info.get('error', 'no timing')[:200]}")
+                continue
+            rate = w.info["batch"] / w.median_s
+            if w.spec["kind"] == "jax_sample":
+                lines.append(
+                    f"\n{g.name} sampling: {rate:.1f} img/s ({w.info['steps']} Euler steps, CFG {w.info['cfg_scale']} "
+                    f"= {2 * w.info['steps']} model evals/img; batch {w.info['batch']}, {w.median_s:.2f} s/batch)"
+                )
+            else:
+                ratio = f", {rate / best_train:.0f}x the fastest JAX train step ({best_train:.1f} img/s)" if best_train else ""
+                lines.append(f"{g.name} data loader: {rate:.0f} img/s (batch {w.info['batch']}){ratio}")
+    lines.append(
+        f"\nMedians of {args.rounds} alternating rounds of ~{args.segment_s:g} s segments per row; torch threads "
+        f"{args.torch_threads}; FLOPs per config from XLA cost analysis of the jax fp32 step; "
+        f"% sgemm peak against numpy fp32 {_fmt(peak / 1e9 if peak else None, '.0f')} GFLOP/s; "
+        "XLA plan = arguments + outputs + temporaries - aliased; peak RSS over the timed steps only."
+    )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations (CI smoke, < 2 min)")
+    p.add_argument("--gpu", action="store_true", help="DiT-B/2 and DiT-XL/2, 32x32x4 latents, bf16, MFU")
+    p.add_argument("--gpu-batch", type=int, default=256, help="GPU batch; halved until it fits")
+    p.add_argument("--with-fp32", action="store_true", help="GPU: also time the fp32 step")
+    p.add_argument("--only", nargs="*", choices=["s2-b32", "s2-b128", "default"], help="CPU config subset")
+    p.add_argument("--rounds", type=int, default=None, help="alternating timing rounds (default 3, quick 2)")
+    p.add_argument("--segment-s", type=float, default=None, help="target seconds per timed segment")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
+                   help="CPU: precisions of the jax rows")
+    p.add_argument("--torch-threads", type=int, default=TORCH_THREADS)
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile rows")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--jax-variant", action="append", default=[], metavar="LABEL:XLA_FLAGS",
+                   help="extra jax rows (one per precision) with these XLA_FLAGS added (for experiments)")
+    p.add_argument("--ref-src", type=Path, help="a directory holding another jax_mmdit package (e.g. "
+                   "`git archive HEAD jax_mmdit | tar -x -C DIR`): adds its jax rows, timed alongside")
+    p.add_argument("--json", type=Path, help="also write raw results here")
+    p.add_argument("--verbose", action="store_true", help="show workers' stderr")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.segment_s = args.segment_s or (0.5 if args.quick else 6.0)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        args.log_dir = Path(tmp)
+        peaks = [] if args.gpu else [matmul_peak(args)]
+        results = [(g, measure_group(g, args)) for g in groups(args)]
+        if not args.gpu:
+            peaks.append(matmul_peak(args))
+        text = report(results, peaks, args)
+    print(text)
+    if args.json:
+        raw = {
+            "peaks": peaks,
+            "groups": [{"name": g.name, "spec": g.spec, "rows": [
+                {"label": w.label, "spec": w.spec, "info": w.info, "step_seconds": w.step_seconds} for w in ws
+            ]} for g, ws in results],
+        }
+        args.json.write_text(json.dumps(raw, indent=1))
+    errors = [w.label for _, ws in results for w in ws if "error" in w.info]
+    return 1 if errors and args.quick else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
