@@ -168,6 +168,9 @@ def train_impls(args) -> list[Impl]:
         label, flags = variant.split(":", 1)
         for prec in args.precisions:
             impls.append(Impl(f"jax {prec} {label}", {"kind": "jax_train", "precision": prec, "xla_flags": flags}))
+    if args.accum > 1:  # same maths, activations of batch/accum at a time
+        for prec in args.precisions:
+            impls.append(Impl(f"jax {prec} accum{args.accum}", {"kind": "jax_train", "precision": prec, "accum": args.accum}))
     if args.ref_src:
         for prec in args.precisions:
             impls.append(Impl(f"jax {prec} @ref", {"kind": "jax_train", "precision": prec, "src": str(args.ref_src)}))
@@ -295,6 +298,8 @@ def parse_args(argv=None):
     p.add_argument("--segment-s", type=float, default=None, help="target seconds per timed segment")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
                    help="CPU: precisions of the jax rows")
+    p.add_argument("--accum", type=int, default=1, help="also time jax rows with this many gradient-"
+                   "accumulation micro-batches per step (grad_accum_steps)")
     p.add_argument("--torch-threads", type=int, default=TORCH_THREADS)
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile rows")
     p.add_argument("--no-torch", action="store_true")

@@ -121,7 +121,7 @@ def train_config(spec: dict):
         model = dataclasses.replace(model, **spec["model"])
     return dataclasses.replace(
         cfg, model=model, batch_size=spec["batch"], precision=spec.get("precision", "fp32"),
-        run_dir="/tmp/mmdit-bench-unused",
+        grad_accum_steps=spec.get("accum", 1), run_dir="/tmp/mmdit-bench-unused",
     )
 
 
