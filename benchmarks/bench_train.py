@@ -162,7 +162,7 @@ def train_impls(args) -> list[Impl]:
         if not args.no_torch and _torch_cuda():
             impls.append(Impl("torch bf16 autocast", {"kind": "torch_train", "precision": "bf16", "cuda": True}))
         return impls
-    t = {"kind": "torch_train", "threads": args.torch_threads}
+    t = {"kind": "torch_train", "threads": args.torch_threads, "keep_denormals": args.torch_denormals}
     impls = [Impl(f"jax {p}", {"kind": "jax_train", "precision": p}) for p in args.precisions]
     for variant in args.jax_variant:
         label, flags = variant.split(":", 1)
@@ -197,7 +197,7 @@ def groups(args) -> list[Group]:
         latents = {"image_size": 32, "in_channels": 4, "num_classes": 1000}
         return [
             Group(f"{p} 32x32x4 b{args.gpu_batch}", {"preset": p, "model": latents, "batch": args.gpu_batch}, impls)
-            for p in ("DiT-B/2", "DiT-XL/2")
+            for p in args.gpu_models
         ]
     if args.quick:
         tiny = {"image_size": 16, "in_channels": 3, "hidden_size": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
@@ -292,6 +292,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations (CI smoke, < 2 min)")
     p.add_argument("--gpu", action="store_true", help="DiT-B/2 and DiT-XL/2, 32x32x4 latents, bf16, MFU")
     p.add_argument("--gpu-batch", type=int, default=256, help="GPU batch; halved until it fits")
+    p.add_argument("--gpu-models", nargs="+", default=["DiT-B/2", "DiT-XL/2"], help="GPU: model presets")
     p.add_argument("--with-fp32", action="store_true", help="GPU: also time the fp32 step")
     p.add_argument("--only", nargs="*", choices=["s2-b32", "s2-b128", "default"], help="CPU config subset")
     p.add_argument("--rounds", type=int, default=None, help="alternating timing rounds (default 3, quick 2)")
@@ -302,6 +303,8 @@ def parse_args(argv=None):
                    "accumulation micro-batches per step (grad_accum_steps)")
     p.add_argument("--torch-threads", type=int, default=TORCH_THREADS)
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile rows")
+    p.add_argument("--torch-denormals", action="store_true",
+                   help="leave PyTorch's denormals on (its default; XLA flushes them): much slower fp32")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--jax-variant", action="append", default=[], metavar="LABEL:XLA_FLAGS",
                    help="extra jax rows (one per precision) with these XLA_FLAGS added (for experiments)")
