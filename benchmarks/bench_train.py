@@ -67,6 +67,8 @@ class Worker:
         )
         self.info: dict = {}
         self.step_seconds: list[float] = []
+        self.rss = 0.0  # resident bytes when it last went idle
+        self.peak = 0.0  # largest resident bytes seen while it ran
 
     def read(self) -> dict:
         for line in self.proc.stdout:
@@ -81,12 +83,26 @@ class Worker:
         self.proc.stdin.flush()
 
     def run(self, n: int) -> None:
-        self.send({"op": "run", "n": n})
+        if "error" in self.info:
+            return
+        try:
+            self.send({"op": "run", "n": n})
+        except (BrokenPipeError, OSError):  # died (e.g. the OOM killer): report it, time the rest
+            self.info["error"] = f"worker died (exit code {self.proc.wait()})"
+            return
         r = self.read()
         if "seconds" in r:
             self.step_seconds.append(r["seconds"] / r["n"])
+            self.rss, self.peak = r.get("rss") or 0.0, max(self.peak, r.get("peak_rss") or 0.0)
         else:
             self.info.setdefault("error", r.get("error", "no result"))
+
+    def trim(self) -> None:
+        try:
+            self.send({"op": "trim"})
+            self.rss = self.read().get("idle_rss") or 0.0
+        except (BrokenPipeError, OSError):
+            self.rss = 0.0
 
     def quit(self) -> None:
         if self.proc.poll() is None:
@@ -107,6 +123,7 @@ def start(label: str, spec: dict, args) -> Worker:
     not compete with each other, and only one process should hold activation memory)."""
     w = Worker(label, spec, args.log_dir, args.verbose)
     w.info = w.read()
+    w.rss, w.peak = w.info.get("idle_rss") or 0.0, w.info.get("warmup_peak_rss") or 0.0
     status = f"error: {w.info['error']}" if "error" in w.info else f"ready ({w.info.get('warm_step_s', 0):.3g} s/step)"
     print(f"  [{label}] {status}", file=sys.stderr, flush=True)
     return w
@@ -120,6 +137,21 @@ def start_with_fallback(label: str, spec: dict, args) -> Worker:
         spec = {**spec, "batch": spec["batch"] // 2}
         w = start(f"{label} b{spec['batch']}", spec, args)
     return w
+
+
+def _mem_available() -> float:
+    with open("/proc/meminfo") as f:
+        return next(float(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def make_room(w: Worker, live: list[Worker]) -> None:
+    """Trim idle workers (largest first) until `w`'s step fits with a margin. Only when needed:
+    a trimmed worker spends an untimed step getting its heap back, and small configs never do."""
+    need = max(w.peak - w.rss, w.info.get("xla_plan") or 0.0, 2 * GIB) + 1.5 * GIB
+    for other in sorted((o for o in live if o is not w and o.rss > 0.5 * GIB), key=lambda o: -o.rss):
+        if _mem_available() >= need:
+            return
+        other.trim()
 
 
 def measure_group(g: Group, args) -> list[Worker]:
@@ -136,6 +168,7 @@ def measure_group(g: Group, args) -> list[Worker]:
         k = r % max(len(live), 1)
         for w in live[k:] + live[:k]:
             n = max(1, round(args.segment_s / max(w.info["warm_step_s"], 1e-6)))
+            make_room(w, live)
             w.run(n)
         print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     for w in workers:
@@ -162,7 +195,8 @@ def train_impls(args) -> list[Impl]:
         if not args.no_torch and _torch_cuda():
             impls.append(Impl("torch bf16 autocast", {"kind": "torch_train", "precision": "bf16", "cuda": True}))
         return impls
-    t = {"kind": "torch_train", "threads": args.torch_threads, "keep_denormals": args.torch_denormals}
+    t = {"kind": "torch_train", "threads": args.torch_threads, "keep_denormals": args.torch_denormals,
+         "default_malloc": args.torch_default_malloc}
     impls = [Impl(f"jax {p}", {"kind": "jax_train", "precision": p}) for p in args.precisions]
     for variant in args.jax_variant:
         label, flags = variant.split(":", 1)
@@ -234,7 +268,9 @@ def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -
     peak = max((p.get("numpy_fp32", 0.0) for p in peaks), default=0.0) * 1e9 or None
     lines = []
     host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    lines.append(f"# bench_train {datetime.date.today()} on {host} ({'quick' if args.quick else 'gpu' if args.gpu else 'full'})")
+    devices = sorted({w.info["device"] for _, ws in results for w in ws if w.info.get("device")})
+    lines.append(f"# bench_train {datetime.date.today()} on {host} ({'quick' if args.quick else 'gpu' if args.gpu else 'full'}); "
+                 f"devices: {', '.join(devices) or '-'}")
     if peaks:
         lines.append("matmul GFLOP/s (best size, median): " + "; ".join(
             f"run {i + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) for i, p in enumerate(peaks)))
@@ -303,6 +339,8 @@ def parse_args(argv=None):
                    "accumulation micro-batches per step (grad_accum_steps)")
     p.add_argument("--torch-threads", type=int, default=TORCH_THREADS)
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile rows")
+    p.add_argument("--torch-default-malloc", action="store_true",
+                   help="with MMDIT_RETAIN_FREED_MEMORY=1: leave PyTorch's malloc as shipped")
     p.add_argument("--torch-denormals", action="store_true",
                    help="leave PyTorch's denormals on (its default; XLA flushes them): much slower fp32")
     p.add_argument("--no-torch", action="store_true")

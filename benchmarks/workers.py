@@ -63,20 +63,37 @@ def trim_heap() -> None:
     """Give freed heap pages back to the OS, so an idle worker does not sit on the memory its last
     step used while another worker runs."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    # XLA:CPU frees a step's buffers from its own threads shortly after the result is ready; with
+    # jax_mmdit.runtime's malloc settings they stay in the heap until trimmed, so trim again once
+    # those frees have landed (a single early trim left 5 GB idle workers and an OOM at batch 128).
+    libc.malloc_trim(0)
+    time.sleep(0.5)
+    libc.malloc_trim(0)
 
 
 # ---- serving -------------------------------------------------------------------------------------
 def serve(step, sync, info: dict) -> None:
-    """`step()` launches one unit of work (may be async), `sync(result)` waits for it."""
-    trim_heap()
+    """`step()` launches one unit of work (may be async), `sync(result)` waits for it.
+
+    Ops: run (timed steps), trim (give the heap back: the orchestrator asks idle workers when the
+    next one would not fit in memory), quit. A training process keeps its heap between steps
+    (jax_mmdit.runtime's malloc settings), so after a trim one untimed step restores that steady
+    state first: timing the step that faults its working set back in would charge page faults
+    (and heap regrowth) no real run pays."""
+    warmup_peak = peak_rss_bytes()  # warm-up steps (and compilation): what a step may need
+    trim_heap()  # compilation's memory
     reset_peak_rss()
-    emit({"ready": True, "idle_rss": rss_bytes(), **info})
+    trimmed = True
+    emit({"ready": True, "idle_rss": rss_bytes(), "warmup_peak_rss": warmup_peak, **info})
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "run":
+            if trimmed:
+                sync(step())
+                trimmed = False
             # Back to back like a real training loop (JAX dispatch overlaps the next step), one
             # sync at the end.
             t0 = time.perf_counter()
@@ -84,8 +101,11 @@ def serve(step, sync, info: dict) -> None:
             for _ in range(cmd["n"]):
                 out = step()
             sync(out)
-            emit({"seconds": time.perf_counter() - t0, "n": cmd["n"]})
+            emit({"seconds": time.perf_counter() - t0, "n": cmd["n"], "rss": rss_bytes(), "peak_rss": peak_rss_bytes()})
+        elif cmd["op"] == "trim":
             trim_heap()
+            trimmed = True
+            emit({"idle_rss": rss_bytes()})
         elif cmd["op"] == "quit":
             emit({"peak_rss": peak_rss_bytes(), "idle_rss": rss_bytes()})
             return
@@ -174,6 +194,13 @@ def jax_train(spec: dict) -> None:
 
 # ---- PyTorch: diffusers DiTTransformer2DModel, same config, same loss, AdamW + clip + EMA ----------
 def torch_train(spec: dict) -> None:
+    if not spec.get("default_malloc"):
+        # With MMDIT_RETAIN_FREED_MEMORY=1 our rows keep freed memory (jax_mmdit.runtime); eager
+        # PyTorch frees and reallocates its activations every step too (it gained ~13% from it at
+        # DiT-S/2 fp32 batch 32), so it gets the same setting. A no-op without the variable.
+        from jax_mmdit import runtime
+
+        runtime.retain_freed_memory()
     import torch
 
     threads = spec.get("threads")

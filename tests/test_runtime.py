@@ -1,0 +1,54 @@
+"""Process-wide runtime settings (jax_mmdit.runtime), each checked in a fresh interpreter."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Writes, frees and again writes a 256 MiB malloc block (what XLA:CPU does with its buffers every
+# step; numpy is avoided because it asks for huge pages) and counts the second one's page faults.
+_REALLOC_FAULTS = """
+import ctypes, json, resource
+from jax_mmdit import runtime
+runtime.configure()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+n = 256 * 2**20
+def touch():
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    return p
+libc.free(touch())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+libc.free(touch())
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"faults": faults, "retained": runtime.retained_freed_memory,
+                  "xla_flags": __import__("os").environ["XLA_FLAGS"]}))
+"""
+
+
+def _run(env_extra: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", _REALLOC_FAULTS], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings are Linux-only")
+def test_freed_memory_is_reused_without_page_faults():
+    # 256 MiB is 65536 4-KiB pages: glibc's default mmaps and unmaps a block this big, so each
+    # reallocation faults every page in again. Retained (opt-in), the second reuses the first.
+    tuned = _run({"JAX_PLATFORMS": "cpu", "MMDIT_RETAIN_FREED_MEMORY": "1"})
+    default = _run({"JAX_PLATFORMS": "cpu"})
+    assert tuned["retained"] and not default["retained"]
+    assert tuned["faults"] < 1000, tuned
+    assert default["faults"] > 10_000, default
+
+
+def test_accelerator_platform_leaves_malloc_alone_and_user_flags_win():
+    res = _run({"JAX_PLATFORMS": "cuda", "MMDIT_RETAIN_FREED_MEMORY": "1", "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=true"})
+    assert not res["retained"]
+    assert res["xla_flags"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
