@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARGS   ?=
 
-.PHONY: setup data train test bench clean
+.PHONY: setup data jemalloc train test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.installed data
+setup: $(VENV)/.installed data jemalloc
+
+# jemalloc: `mmdit` and train.py preload it on CPU (no per-step page faults; see docs/performance.md).
+jemalloc:
+	@ldconfig -p | grep -q libjemalloc.so.2 || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libjemalloc2; }
 
 # Real Fashion-MNIST from Debian (dataset-fashion-mnist), so training works offline.
 data: $(DATA)

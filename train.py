@@ -38,4 +38,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from jax_mmdit import runtime
+
+    runtime.use_jemalloc()
     sys.exit(main())

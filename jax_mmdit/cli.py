@@ -201,5 +201,11 @@ def run_guarded(fn, argv) -> int:
         os._exit(1)
 
 
+def entry() -> int:
+    """The `mmdit` command: `main` in a process that uses jemalloc where it helps (runtime.use_jemalloc)."""
+    runtime.use_jemalloc()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -52,3 +52,48 @@ def test_accelerator_platform_leaves_malloc_alone_and_user_flags_win():
     res = _run({"JAX_PLATFORMS": "cuda", "MMDIT_RETAIN_FREED_MEMORY": "1", "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=true"})
     assert not res["retained"]
     assert res["xla_flags"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+
+
+_JEMALLOC_PROBE = """
+import ctypes, json, os, resource
+from jax_mmdit import runtime
+runtime.use_jemalloc()  # restarts this interpreter with jemalloc preloaded where it applies
+libc = ctypes.CDLL(None)  # the process's malloc: the preloaded one if any
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+n = 256 * 2**20
+def touch():
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    return p
+libc.free(touch())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+libc.free(touch())
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+loaded = any("jemalloc" in line for line in open("/proc/self/maps"))
+print(json.dumps({"faults": faults, "jemalloc": loaded, "pid": os.getpid()}))
+"""
+
+
+def _probe(env_extra: dict) -> tuple[dict, int]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "JAX_PLATFORMS")}
+    env.update(env_extra)
+    p = subprocess.Popen([sys.executable, "-c", _JEMALLOC_PROBE], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0
+    return json.loads(out.strip().splitlines()[-1]), p.pid
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="jemalloc preloading is Linux-only")
+def test_entry_points_restart_with_jemalloc_and_reuse_freed_memory():
+    from jax_mmdit import runtime
+
+    if runtime.find_jemalloc() is None:
+        pytest.skip("libjemalloc2 not installed (.ci/run installs it)")
+    res, pid = _probe({"JAX_PLATFORMS": "cpu"})
+    assert res["jemalloc"] and res["pid"] == pid  # exec, not a child: signals still reach it
+    assert res["faults"] < 1000, res
+    system, _ = _probe({"JAX_PLATFORMS": "cpu", "MMDIT_ALLOCATOR": "system"})
+    assert not system["jemalloc"] and system["faults"] > 10_000, system
+    gpu, _ = _probe({"JAX_PLATFORMS": "cuda"})
+    assert not gpu["jemalloc"]
