@@ -7,13 +7,14 @@ import sys
 
 import pytest
 
-# Writes, frees and again writes a 256 MiB malloc block (what XLA:CPU does with its buffers every
-# step; numpy is avoided because it asks for huge pages) and counts the second one's page faults.
-_REALLOC_FAULTS = """
-import ctypes, json, resource
+# Runs SETUP (a runtime call), then writes, frees and again writes a 256 MiB malloc block (what
+# XLA:CPU does with its buffers every step; numpy is avoided because it asks for huge pages) and
+# counts the second write's page faults. CDLL(None) is the process's malloc: a preloaded one if any.
+_PROBE = """
+import ctypes, json, os, resource
 from jax_mmdit import runtime
-runtime.configure()
-libc = ctypes.CDLL("libc.so.6")
+SETUP
+libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 n = 256 * 2**20
@@ -24,64 +25,44 @@ def touch():
 libc.free(touch())
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 libc.free(touch())
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"faults": faults, "retained": runtime.retained_freed_memory,
-                  "xla_flags": __import__("os").environ["XLA_FLAGS"]}))
+print(json.dumps({
+    "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
+    "retained": runtime.retained_freed_memory, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "jemalloc": any("jemalloc" in line for line in open("/proc/self/maps")), "pid": os.getpid(),
+}))
 """
 
 
-def _run(env_extra: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+def _run(setup: str, env_extra: dict) -> tuple[dict, int]:
+    drop = ("XLA_FLAGS", "JAX_PLATFORMS", "LD_PRELOAD", "MALLOC_CONF", "MMDIT_ALLOCATOR", "MMDIT_RETAIN_FREED_MEMORY")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", _REALLOC_FAULTS], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    p = subprocess.Popen([sys.executable, "-c", _PROBE.replace("SETUP", setup)], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0
+    return json.loads(out.strip().splitlines()[-1]), p.pid
+
+
+def configure(env_extra: dict) -> dict:
+    return _run("runtime.configure()", env_extra)[0]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings are Linux-only")
-def test_freed_memory_is_reused_without_page_faults():
+def test_retained_freed_memory_is_reused_without_page_faults():
     # 256 MiB is 65536 4-KiB pages: glibc's default mmaps and unmaps a block this big, so each
     # reallocation faults every page in again. Retained (opt-in), the second reuses the first.
-    tuned = _run({"JAX_PLATFORMS": "cpu", "MMDIT_RETAIN_FREED_MEMORY": "1"})
-    default = _run({"JAX_PLATFORMS": "cpu"})
+    tuned = configure({"JAX_PLATFORMS": "cpu", "MMDIT_RETAIN_FREED_MEMORY": "1"})
+    default = configure({"JAX_PLATFORMS": "cpu"})
     assert tuned["retained"] and not default["retained"]
     assert tuned["faults"] < 1000, tuned
     assert default["faults"] > 10_000, default
 
 
 def test_accelerator_platform_leaves_malloc_alone_and_user_flags_win():
-    res = _run({"JAX_PLATFORMS": "cuda", "MMDIT_RETAIN_FREED_MEMORY": "1", "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=true"})
+    res = configure({"JAX_PLATFORMS": "cuda", "MMDIT_RETAIN_FREED_MEMORY": "1",
+                     "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=true"})
     assert not res["retained"]
     assert res["xla_flags"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
-
-
-_JEMALLOC_PROBE = """
-import ctypes, json, os, resource
-from jax_mmdit import runtime
-runtime.use_jemalloc()  # restarts this interpreter with jemalloc preloaded where it applies
-libc = ctypes.CDLL(None)  # the process's malloc: the preloaded one if any
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-n = 256 * 2**20
-def touch():
-    p = libc.malloc(n)
-    ctypes.memset(p, 1, n)
-    return p
-libc.free(touch())
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-libc.free(touch())
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-loaded = any("jemalloc" in line for line in open("/proc/self/maps"))
-print(json.dumps({"faults": faults, "jemalloc": loaded, "pid": os.getpid()}))
-"""
-
-
-def _probe(env_extra: dict) -> tuple[dict, int]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "JAX_PLATFORMS")}
-    env.update(env_extra)
-    p = subprocess.Popen([sys.executable, "-c", _JEMALLOC_PROBE], env=env, stdout=subprocess.PIPE, text=True)
-    out, _ = p.communicate(timeout=60)
-    assert p.returncode == 0
-    return json.loads(out.strip().splitlines()[-1]), p.pid
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="jemalloc preloading is Linux-only")
@@ -89,11 +70,12 @@ def test_entry_points_restart_with_jemalloc_and_reuse_freed_memory():
     from jax_mmdit import runtime
 
     if runtime.find_jemalloc() is None:
-        pytest.skip("libjemalloc2 not installed (.ci/run installs it)")
-    res, pid = _probe({"JAX_PLATFORMS": "cpu"})
+        pytest.skip("libjemalloc2 not installed (make setup / .ci/run install it)")
+    use = "runtime.use_jemalloc()"  # restarts the interpreter with jemalloc preloaded where it applies
+    res, pid = _run(use, {"JAX_PLATFORMS": "cpu"})
     assert res["jemalloc"] and res["pid"] == pid  # exec, not a child: signals still reach it
     assert res["faults"] < 1000, res
-    system, _ = _probe({"JAX_PLATFORMS": "cpu", "MMDIT_ALLOCATOR": "system"})
+    system, _ = _run(use, {"JAX_PLATFORMS": "cpu", "MMDIT_ALLOCATOR": "system"})
     assert not system["jemalloc"] and system["faults"] > 10_000, system
-    gpu, _ = _probe({"JAX_PLATFORMS": "cuda"})
+    gpu, _ = _run(use, {"JAX_PLATFORMS": "cuda"})
     assert not gpu["jemalloc"]
