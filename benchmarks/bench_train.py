@@ -195,8 +195,7 @@ def train_impls(args) -> list[Impl]:
         if not args.no_torch and _torch_cuda():
             impls.append(Impl("torch bf16 autocast", {"kind": "torch_train", "precision": "bf16", "cuda": True}))
         return impls
-    t = {"kind": "torch_train", "threads": args.torch_threads, "keep_denormals": args.torch_denormals,
-         "default_malloc": args.torch_default_malloc}
+    t = {"kind": "torch_train", "threads": args.torch_threads, "keep_denormals": args.torch_denormals}
     impls = [Impl(f"jax {p}", {"kind": "jax_train", "precision": p}) for p in args.precisions]
     for variant in args.jax_variant:
         label, flags = variant.split(":", 1)
@@ -221,6 +220,15 @@ def train_impls(args) -> list[Impl]:
     return impls
 
 
+_S2 = {"image_size": 32, "in_channels": 3, "num_classes": 10}
+# The CPU configs: key -> (table name, worker spec).
+CPU_CASES = {
+    "s2-b32": ("DiT-S/2 32x32x3 b32", {"preset": "DiT-S/2", "model": _S2, "batch": 32}),
+    "s2-b128": ("DiT-S/2 32x32x3 b128", {"preset": "DiT-S/2", "model": _S2, "batch": 128}),
+    "default": ("fashion_mnist (default) b128", {"base": "fashion_mnist", "batch": 128}),
+}
+
+
 def groups(args) -> list[Group]:
     impls = train_impls(args)
     default_extras = [
@@ -236,13 +244,10 @@ def groups(args) -> list[Group]:
     if args.quick:
         tiny = {"image_size": 16, "in_channels": 3, "hidden_size": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
         return [Group("tiny DiT 16x16x3 b8", {"model": tiny, "batch": 8}, impls, default_extras)]
-    s2 = {"image_size": 32, "in_channels": 3, "num_classes": 10}
-    all_groups = {
-        "s2-b32": Group("DiT-S/2 32x32x3 b32", {"preset": "DiT-S/2", "model": s2, "batch": 32}, impls),
-        "s2-b128": Group("DiT-S/2 32x32x3 b128", {"preset": "DiT-S/2", "model": s2, "batch": 128}, impls),
-        "default": Group("fashion_mnist (default) b128", {"base": "fashion_mnist", "batch": 128}, impls, default_extras),
-    }
-    return [all_groups[k] for k in (args.only or all_groups)]
+    return [
+        Group(CPU_CASES[k][0], CPU_CASES[k][1], impls, default_extras if k == "default" else [])
+        for k in (args.only or CPU_CASES)
+    ]
 
 
 def _has(mod: str) -> bool:
@@ -339,8 +344,6 @@ def parse_args(argv=None):
                    "accumulation micro-batches per step (grad_accum_steps)")
     p.add_argument("--torch-threads", type=int, default=TORCH_THREADS)
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile rows")
-    p.add_argument("--torch-default-malloc", action="store_true",
-                   help="with MMDIT_RETAIN_FREED_MEMORY=1: leave PyTorch's malloc as shipped")
     p.add_argument("--torch-denormals", action="store_true",
                    help="leave PyTorch's denormals on (its default; XLA flushes them): much slower fp32")
     p.add_argument("--no-torch", action="store_true")

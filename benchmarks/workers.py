@@ -66,11 +66,6 @@ def trim_heap() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    # XLA:CPU frees a step's buffers from its own threads shortly after the result is ready; with
-    # jax_mmdit.runtime's malloc settings they stay in the heap until trimmed, so trim again once
-    # those frees have landed (a single early trim left 5 GB idle workers and an OOM at batch 128).
-    libc.malloc_trim(0)
-    time.sleep(0.5)
     libc.malloc_trim(0)
 
 
@@ -79,10 +74,8 @@ def serve(step, sync, info: dict) -> None:
     """`step()` launches one unit of work (may be async), `sync(result)` waits for it.
 
     Ops: run (timed steps), trim (give the heap back: the orchestrator asks idle workers when the
-    next one would not fit in memory), quit. A training process keeps its heap between steps
-    (jax_mmdit.runtime's malloc settings), so after a trim one untimed step restores that steady
-    state first: timing the step that faults its working set back in would charge page faults
-    (and heap regrowth) no real run pays."""
+    next one would not fit in memory), quit. After a trim one untimed step regrows the heap first,
+    so the timed steps see the steady state of a training process, not a one-off regrowth."""
     warmup_peak = peak_rss_bytes()  # warm-up steps (and compilation): what a step may need
     trim_heap()  # compilation's memory
     reset_peak_rss()
@@ -194,13 +187,6 @@ def jax_train(spec: dict) -> None:
 
 # ---- PyTorch: diffusers DiTTransformer2DModel, same config, same loss, AdamW + clip + EMA ----------
 def torch_train(spec: dict) -> None:
-    if not spec.get("default_malloc"):
-        # With MMDIT_RETAIN_FREED_MEMORY=1 our rows keep freed memory (jax_mmdit.runtime); eager
-        # PyTorch frees and reallocates its activations every step too (it gained ~13% from it at
-        # DiT-S/2 fp32 batch 32), so it gets the same setting. A no-op without the variable.
-        from jax_mmdit import runtime
-
-        runtime.retain_freed_memory()
     import torch
 
     threads = spec.get("threads")

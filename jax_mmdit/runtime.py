@@ -8,18 +8,12 @@ Each flag below was measured (see docs/performance.md, which also lists flags th
   XLA plan 6.01 → 4.45 GiB (fp32), 5.44 → 3.91 GiB (bf16) (2-core Xeon with AMX, alternated runs).
 Users' own XLA_FLAGS win: we only add flags they did not set.
 
-Opt-in (`MMDIT_RETAIN_FREED_MEMORY=1`), on CPU-only Linux hosts: glibc malloc keeps freed memory
-(`retain_freed_memory`). XLA:CPU allocates its buffers at every step and frees them after, and by
-default glibc hands big blocks straight back to the kernel, so every step page-faults its whole
-working set in again (DiT-S/2 fp32 train step: 1.2 M page faults and 2.3 s of kernel time per step
-at batch 32, 5 M and 13 s at batch 128). Retained: batch 32 1.16x img/s, 0 faults. It is not the
-default because the single-arena heap fragments: the default config's train step held 4.2 GB
-instead of 1.4 GB, and DiT-S/2 fp32 at batch 128 no longer fit in 24 GB (see docs/performance.md).
+Command-line entry points also restart themselves with jemalloc on CPU-only Linux hosts
+(`use_jemalloc`): measured in docs/performance.md, `python -m benchmarks.bench_allocator`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import ctypes.util
 import importlib.metadata
 import os
@@ -27,13 +21,6 @@ import platform
 import sys
 
 CPU_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-# Set to "1" to make `configure` keep freed memory in the heap (faster steps, more memory).
-RETAIN_ENV = "MMDIT_RETAIN_FREED_MEMORY"
-retained_freed_memory = False  # whether `retain_freed_memory` took effect in this process
 
 
 def _cpu_only() -> bool:
@@ -58,33 +45,14 @@ def _cpu_only() -> bool:
     return not plugins
 
 
-def retain_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the kernel: no mmap for
-    big blocks (they come from the heap), never trim the heap, one arena (thread arenas cannot
-    grow past 64 MiB, so big blocks would go back to mmap). The process keeps its peak heap; a
-    training step reaches that peak every step anyway. Takes effect only before XLA's threads
-    first allocate, i.e. before JAX starts. Off unless MMDIT_RETAIN_FREED_MEMORY=1 (see the module
-    docstring for what it costs). Returns whether it was applied."""
-    global retained_freed_memory
-    if os.environ.get(RETAIN_ENV, "0") != "1" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    # mallopt takes an int; -1 becomes SIZE_MAX inside glibc ("never trim").
-    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
-    retained_freed_memory = ok and libc.mallopt(_M_ARENA_MAX, 1) == 1
-    return retained_freed_memory
-
-
 # "jemalloc" (the default where it is installed) or "system": the allocator `use_jemalloc` picks.
 ALLOCATOR_ENV = "MMDIT_ALLOCATOR"
 # Never hand freed pages back to the kernel: a training step reuses them at the next step.
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-_JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")
 
 
 def find_jemalloc() -> str | None:
-    found = ctypes.util.find_library("jemalloc")
-    return found or next((p for p in _JEMALLOC_PATHS if os.path.exists(p)), None)
+    return ctypes.util.find_library("jemalloc")  # e.g. "libjemalloc.so.2" (ldconfig's cache)
 
 
 def use_jemalloc() -> None:
@@ -92,8 +60,8 @@ def use_jemalloc() -> None:
     preloaded, on CPU-only Linux hosts where it is installed (Debian: libjemalloc2), unless
     MMDIT_ALLOCATOR=system. XLA:CPU allocates a step's buffers at every execution and glibc returns
     big blocks to the kernel, so each step page-faulted its working set back in: DiT-S/2 fp32 at
-    batch 128 5.0 M faults and 13 s of kernel time per 31.5 s step; with jemalloc (decay off)
-    22.7-23.2 s, 2 k faults, peak RSS 18.0 GB against 17.3 (docs/performance.md)."""
+    batch 128 4.7 M faults and 20 s of kernel time per 34.9 s step; with jemalloc (decay off)
+    23.1 s, 1.7 k faults, peak RSS 18.0 GB against 17.8 (`python -m benchmarks.bench_allocator`)."""
     if (os.environ.get(ALLOCATOR_ENV, "jemalloc") != "jemalloc" or platform.system() != "Linux"
             or "jemalloc" in os.environ.get("LD_PRELOAD", "") or not _cpu_only()):
         return
@@ -116,8 +84,6 @@ def configure() -> None:
         if name not in flags:
             flags = f"{flags} {flag}"
     os.environ["XLA_FLAGS"] = flags.strip()
-    if _cpu_only():
-        retain_freed_memory()
     # Orbax/absl warn at WARNING level about routine things (read-only managers, async saves).
     try:
         from absl import logging as absl_logging
