@@ -54,6 +54,20 @@ class Group:
 
 
 # ---- workers -------------------------------------------------------------------------------------
+# Set from --allocator in main(): the malloc every worker (jax and torch alike) runs with.
+ALLOCATOR = {"name": "system"}
+
+
+def worker_env(spec: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if ALLOCATOR["name"] == "jemalloc":
+        from jax_mmdit import runtime
+
+        env["LD_PRELOAD"] = f"{runtime.find_jemalloc()} {env.get('LD_PRELOAD', '')}".strip()
+        env.setdefault("MALLOC_CONF", runtime.JEMALLOC_CONF)
+    return env
+
+
 class Worker:
     def __init__(self, label: str, spec: dict, log_dir: Path, verbose: bool):
         self.label = label
@@ -63,7 +77,7 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.workers", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env=worker_env(spec),
         )
         self.info: dict = {}
         self.step_seconds: list[float] = []
@@ -275,7 +289,10 @@ def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -
     host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     devices = sorted({w.info["device"] for _, ws in results for w in ws if w.info.get("device")})
     lines.append(f"# bench_train {datetime.date.today()} on {host} ({'quick' if args.quick else 'gpu' if args.gpu else 'full'}); "
-                 f"devices: {', '.join(devices) or '-'}")
+                 f"devices: {', '.join(devices) or '-'}; malloc: {args.allocator}")
+    onednn_rows = sorted({w.label for _, ws in results for w in ws if w.info.get("onednn")})
+    if onednn_rows:
+        lines.append("jax matmuls on the oneDNN custom call (jax_mmdit.kernels.onednn) in: " + ", ".join(onednn_rows))
     if peaks:
         lines.append("matmul GFLOP/s (best size, median): " + "; ".join(
             f"run {i + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) for i, p in enumerate(peaks)))
@@ -352,8 +369,15 @@ def parse_args(argv=None):
     p.add_argument("--ref-src", type=Path, help="a directory holding another jax_mmdit package (e.g. "
                    "`git archive HEAD jax_mmdit | tar -x -C DIR`): adds its jax rows, timed alongside")
     p.add_argument("--json", type=Path, help="also write raw results here")
+    p.add_argument("--allocator", choices=["jemalloc", "system"], default=None,
+                   help="malloc of every worker, jax and torch alike (default: jemalloc where installed, "
+                        "as `mmdit` runs on CPU; bench_allocator compares the two)")
     p.add_argument("--verbose", action="store_true", help="show workers' stderr")
     args = p.parse_args(argv)
+    if args.allocator is None:
+        from jax_mmdit import runtime
+
+        args.allocator = "jemalloc" if runtime.find_jemalloc() and not args.gpu else "system"
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.segment_s = args.segment_s or (0.5 if args.quick else 6.0)
     return args
@@ -361,6 +385,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    ALLOCATOR["name"] = args.allocator
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         args.log_dir = Path(tmp)
         peaks = [] if args.gpu else [matmul_peak(args)]

@@ -61,7 +61,12 @@ def rss_bytes() -> float | None:
 
 def trim_heap() -> None:
     """Give freed heap pages back to the OS, so an idle worker does not sit on the memory its last
-    step used while another worker runs."""
+    step used while another worker runs: jemalloc's purge of all arenas (4096 = MALLCTL_ARENAS_ALL)
+    when it is preloaded, glibc's malloc_trim otherwise."""
+    process = ctypes.CDLL(None)
+    if hasattr(process, "mallctl"):
+        process.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -158,6 +163,7 @@ def jax_train(spec: dict) -> None:
 
     import jax
 
+    from jax_mmdit.kernels import onednn
     from jax_mmdit.train import profiler
     from jax_mmdit.train.trainer import Trainer
 
@@ -182,6 +188,7 @@ def jax_train(spec: dict) -> None:
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
         "peak_flops": profiler.device_peak_flops(dev, tr.model_cfg.dtype),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": cfg.batch_size,
+        "onednn": onednn.TARGET in tr._compiled_step.as_text(),
     })
 
 

@@ -13,6 +13,7 @@ Conventions (kept in one place so both models and the converters agree):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jax_mmdit.kernels import onednn
 
 Dtype = Any
 
@@ -86,20 +89,48 @@ def _bf16_matmul_bwd(res, g_MxN):
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
+@jax.custom_vjp
+def _onednn_matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
+    """x @ (w cast to x's dtype) -> float32 on oneDNN (CPU; see `jax_mmdit.kernels.onednn`), forward
+    and backward: dx = g @ w^T and dW = x^T @ g are oneDNN calls with transposes as strides, so the
+    weight gradient needs neither XLA's fp32 fallback nor `_materialised_transpose`'s copy."""
+    return onednn.matmul(x_MxK, w_KxN.astype(x_MxK.dtype))
+
+
+def _onednn_matmul_fwd(x_MxK, w_KxN):
+    w_KxN = w_KxN.astype(x_MxK.dtype)
+    return onednn.matmul(x_MxK, w_KxN), (x_MxK, w_KxN)
+
+
+def _onednn_matmul_bwd(res, g_MxN):
+    x_MxK, w_KxN = res
+    g_MxN = g_MxN.astype(x_MxK.dtype)
+    dx_MxK = onednn.matmul(g_MxN, w_KxN, transpose_b=True)
+    dw_KxN = onednn.matmul(x_MxK, g_MxN, transpose_a=True)  # float32, for the fp32 master weights
+    return dx_MxK.astype(x_MxK.dtype), dw_KxN
+
+
+_onednn_matmul.defvjp(_onednn_matmul_fwd, _onednn_matmul_bwd)
+
+
 def matmul(x_MxK: jax.Array, w_KxN: jax.Array, dtype: Dtype) -> jax.Array:
     """x @ w with operands in compute dtype `dtype` and float32 accumulation; w is the float32 kernel.
 
-    float32: a plain dot. Off CPU: operands cast to `dtype`, result in `dtype` (the usual mixed
-    precision; GPUs fuse the elementwise ops that follow and keep bf16 activations, half the memory).
-    On CPU the result is float32: XLA:CPU computes bf16 elementwise ops in fp32 anyway but splits a
-    bf16 chain (bias + GELU + cast) into one pass per op, measured 8% slower per DiT block. bf16
-    takes `_bf16_matmul`; fp16 asks for fp16 results, the one fp16 dot XLA:CPU supports under every
-    matmul precision (it computes it in fp32 internally)."""
+    Off CPU: operands cast to `dtype`, result in `dtype` (the usual mixed precision; GPUs fuse the
+    elementwise ops that follow and keep bf16 activations, half the memory). float32 elsewhere: a
+    plain dot. On CPU the result is float32: XLA:CPU computes bf16 elementwise ops in fp32 anyway
+    but splits a bf16 chain (bias + GELU + cast) into one pass per op, measured 8% slower per DiT
+    block. float32 and bf16 run on oneDNN where it is available (`_onednn_matmul`), else bf16
+    takes `_bf16_matmul`; fp16 asks for fp16 results, the one fp16 dot XLA:CPU supports under
+    every matmul precision (it computes it in fp32 internally)."""
     dt = jnp.dtype(dtype)
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu and dt in (jnp.float32, jnp.bfloat16) and onednn.enabled():
+        return _onednn_matmul(x_MxK.astype(dt), w_KxN)
     if dt == jnp.float32:
         return jnp.dot(x_MxK.astype(jnp.float32), w_KxN)
     x_MxK = x_MxK.astype(dt)
-    if jax.default_backend() != "cpu":
+    if not on_cpu:
         return jnp.dot(x_MxK, w_KxN.astype(dt))
     if dt == jnp.bfloat16:
         return _bf16_matmul(x_MxK, w_KxN)
@@ -316,46 +347,54 @@ class QKV(nnx.Module):
         return q_BxNxLxK.astype(self.dtype), k_BxNxLxK.astype(self.dtype), v_BxNxLxK.astype(self.dtype)
 
 
-@jax.custom_vjp
-def _softmax_attention(q_BxNxLxK: jax.Array, k_BxNxSxK: jax.Array, v_BxNxSxK: jax.Array) -> jax.Array:
+def _batched_dot(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool, use_onednn: bool) -> jax.Array:
+    """op(a) @ op(b) over leading batch axes -> float32. On XLA, a transposed `a` goes through
+    `_materialised_transpose` (XLA:CPU upcasts the folded "TN" layout to fp32); oneDNN takes it as
+    strides."""
+    if use_onednn:
+        return onednn.matmul(a, b, transpose_a, transpose_b)
+    if transpose_a:
+        a = _materialised_transpose(a)
+    spec = "...mk,...nk->...mn" if transpose_b else "...mk,...kn->...mn"
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _softmax_attention(q_BxNxLxK: jax.Array, k_BxNxSxK: jax.Array, v_BxNxSxK: jax.Array, use_onednn: bool) -> jax.Array:
     """softmax(q k^T / sqrt(K)) v -> (B, N, L, K) in v's dtype; logits and softmax in float32.
 
     A hand-written backward (the standard softmax-attention one) because autodiff of the forward
     keeps the float32 exp(logits) as well as the compute-dtype probabilities (DiT-S/2 at batch 128
     in bf16: 458 MiB of residuals per block, 264 MiB here) and leaves two gradient matmuls in the
     transposed layout XLA:CPU upcasts to fp32. Measured on the DiT-S/2 bf16 train step at batch 32:
-    +8% img/s, XLA memory plan 4.58 -> 3.91 GiB; fp32 unchanged within noise (-2%)."""
-    return _softmax_attention_fwd(q_BxNxLxK, k_BxNxSxK, v_BxNxSxK)[0]
+    +8% img/s, XLA memory plan 4.58 -> 3.91 GiB; fp32 unchanged within noise (-2%). With
+    `use_onednn` its six matmuls run on oneDNN (q k^T: 2.5x XLA:CPU's batched dot)."""
+    return _softmax_attention_fwd(q_BxNxLxK, k_BxNxSxK, v_BxNxSxK, use_onednn)[0]
 
 
-def _softmax_attention_fwd(q_BxNxLxK, k_BxNxSxK, v_BxNxSxK):
+def _softmax_attention_fwd(q_BxNxLxK, k_BxNxSxK, v_BxNxSxK, use_onednn):
     # Scaling q rather than the logits: XLA:CPU materialised the broadcast scale at logits size.
     q_BxNxLxK = q_BxNxLxK * jnp.asarray(q_BxNxLxK.shape[-1] ** -0.5, q_BxNxLxK.dtype)
-    logits_BxNxLxS = jnp.einsum("bnlk,bnsk->bnls", q_BxNxLxK, k_BxNxSxK, preferred_element_type=jnp.float32)
+    logits_BxNxLxS = _batched_dot(q_BxNxLxK, k_BxNxSxK, False, True, use_onednn)
     # Max-subtraction only guards exp against overflow; softmax is invariant to it.
     e_BxNxLxS = jnp.exp(logits_BxNxLxS - jnp.max(logits_BxNxLxS, axis=-1, keepdims=True))
     p_BxNxLxS = (e_BxNxLxS / jnp.sum(e_BxNxLxS, axis=-1, keepdims=True)).astype(v_BxNxSxK.dtype)
-    o_BxNxLxK = jnp.einsum("bnls,bnsk->bnlk", p_BxNxLxS, v_BxNxSxK, preferred_element_type=jnp.float32)
-    o_BxNxLxK = o_BxNxLxK.astype(v_BxNxSxK.dtype)
+    o_BxNxLxK = _batched_dot(p_BxNxLxS, v_BxNxSxK, False, False, use_onednn).astype(v_BxNxSxK.dtype)
     return o_BxNxLxK, (q_BxNxLxK, k_BxNxSxK, v_BxNxSxK, p_BxNxLxS, o_BxNxLxK)
 
 
-def _softmax_attention_bwd(res, do_BxNxLxK):
+def _softmax_attention_bwd(use_onednn, res, do_BxNxLxK):
     q_BxNxLxK, k_BxNxSxK, v_BxNxSxK, p_BxNxLxS, o_BxNxLxK = res  # q already scaled
     f32 = jnp.float32
     do_BxNxLxK = do_BxNxLxK.astype(v_BxNxSxK.dtype)
-    dv_BxNxSxK = jnp.einsum(
-        "bnsl,bnlk->bnsk", _materialised_transpose(p_BxNxLxS), do_BxNxLxK, preferred_element_type=f32
-    )
-    dp_BxNxLxS = jnp.einsum("bnlk,bnsk->bnls", do_BxNxLxK, v_BxNxSxK, preferred_element_type=f32)
+    dv_BxNxSxK = _batched_dot(p_BxNxLxS, do_BxNxLxK, True, False, use_onednn)
+    dp_BxNxLxS = _batched_dot(do_BxNxLxK, v_BxNxSxK, False, True, use_onednn)
     # Softmax backward: dlogits = p * (dp - sum_s p * dp), and sum_s p * dp = sum_k do * o.
     delta_BxNxLx1 = jnp.sum(do_BxNxLxK.astype(f32) * o_BxNxLxK.astype(f32), axis=-1, keepdims=True)
     ds_BxNxLxS = (p_BxNxLxS.astype(f32) * (dp_BxNxLxS - delta_BxNxLx1)).astype(q_BxNxLxK.dtype)
     scale = q_BxNxLxK.shape[-1] ** -0.5
-    dq_BxNxLxK = jnp.einsum("bnls,bnsk->bnlk", ds_BxNxLxS, k_BxNxSxK, preferred_element_type=f32) * scale
-    dk_BxNxSxK = jnp.einsum(
-        "bnsl,bnlk->bnsk", _materialised_transpose(ds_BxNxLxS), q_BxNxLxK, preferred_element_type=f32
-    )
+    dq_BxNxLxK = _batched_dot(ds_BxNxLxS, k_BxNxSxK, False, False, use_onednn) * scale
+    dk_BxNxSxK = _batched_dot(ds_BxNxLxS, q_BxNxLxK, True, False, use_onednn)
     return (
         dq_BxNxLxK.astype(q_BxNxLxK.dtype), dk_BxNxSxK.astype(k_BxNxSxK.dtype), dv_BxNxSxK.astype(v_BxNxSxK.dtype)
     )
@@ -383,7 +422,8 @@ def attention(q_BxNxLxK: jax.Array, k_BxNxSxK: jax.Array, v_BxNxSxK: jax.Array, 
                 pass
         impl = "cudnn" if implementation == "cudnn" else None
         return jax.nn.dot_product_attention(q, k, v, implementation=impl).reshape(B, L, N * K)
-    o_BxNxLxK = _softmax_attention(q_BxNxLxK, k_BxNxSxK, v_BxNxSxK)
+    use_onednn = q_BxNxLxK.dtype in (jnp.float32, jnp.bfloat16) and onednn.enabled()
+    o_BxNxLxK = _softmax_attention(q_BxNxLxK, k_BxNxSxK, v_BxNxSxK, use_onednn)
     return o_BxNxLxK.transpose(0, 2, 1, 3).reshape(B, L, N * K)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jax
 
+from jax_mmdit.kernels import onednn
+
 # Dense peak FLOP/s per chip (no sparsity), by compute dtype. Sources: vendor datasheets.
 PEAK_FLOPS = {
     "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},  # SXM; PCIe is ~25% lower
@@ -37,7 +39,11 @@ def compiled_flops(compiled) -> float | None:
         cost = cost[0] if cost else None
     if not cost or "flops" not in cost:
         return None
-    return float(cost["flops"])
+    try:
+        text = compiled.as_text()
+    except Exception:
+        text = ""
+    return float(cost["flops"]) + onednn.hlo_flops(text or "")
 
 
 def mfu(flops_per_step: float | None, step_seconds: float, num_devices: int, peak: float | None) -> float | None:
