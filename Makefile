@@ -4,10 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARGS   ?=
 
-.PHONY: setup data jemalloc onednn train test bench clean
+.PHONY: setup packages train test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,24 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.installed data jemalloc onednn
+setup: $(VENV)/.installed packages
 
-# jemalloc: `mmdit` and train.py preload it on CPU (no per-step page faults; see docs/performance.md).
-jemalloc:
-	@ldconfig -p | grep -q libjemalloc.so.2 || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libjemalloc2; }
-
-# oneDNN + a C++ compiler: CPU matmuls run as a oneDNN custom call, built on first use
-# (jax_mmdit/kernels/onednn.py; AMX bf16, see docs/performance.md).
-onednn:
-	@{ dpkg -s libdnnl-dev >/dev/null 2>&1 && command -v g++ >/dev/null; } || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++ libdnnl-dev; }
-
-# Real Fashion-MNIST from Debian (dataset-fashion-mnist), so training works offline.
-data: $(DATA)
-$(DATA):
-	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+# Debian packages, one apt run for whichever are missing: dataset-fashion-mnist (real data,
+# offline), libjemalloc2 (`mmdit`/train.py preload it on CPU: no per-step page faults), g++ and
+# libdnnl-dev (CPU matmuls as a oneDNN custom call, built on first use; see docs/performance.md).
+APT_PACKAGES := dataset-fashion-mnist libjemalloc2 g++ libdnnl-dev
+packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; fi
 
 train: setup
 	$(VENV)/bin/mmdit train --config fashion_mnist $(ARGS)

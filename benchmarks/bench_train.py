@@ -54,30 +54,27 @@ class Group:
 
 
 # ---- workers -------------------------------------------------------------------------------------
-# Set from --allocator in main(): the malloc every worker (jax and torch alike) runs with.
-ALLOCATOR = {"name": "system"}
-
-
-def worker_env(spec: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if ALLOCATOR["name"] == "jemalloc":
+def worker_env(spec: dict, allocator: str) -> dict:
+    """The worker's environment: the same malloc for every row (--allocator), plus the row's own
+    variables (e.g. MMDIT_ONEDNN=off for the --xla-dots rows)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **spec.get("env", {})}
+    if allocator == "jemalloc":
         from jax_mmdit import runtime
 
-        env["LD_PRELOAD"] = f"{runtime.find_jemalloc()} {env.get('LD_PRELOAD', '')}".strip()
-        env.setdefault("MALLOC_CONF", runtime.JEMALLOC_CONF)
+        env = runtime.jemalloc_env(env, runtime.find_jemalloc())
     return env
 
 
 class Worker:
-    def __init__(self, label: str, spec: dict, log_dir: Path, verbose: bool):
+    def __init__(self, label: str, spec: dict, args):
         self.label = label
         self.spec = spec
-        self.log = log_dir / (label.replace(" ", "_").replace("/", "-") + ".log")
-        err = None if verbose else open(self.log, "w")
+        self.log = args.log_dir / (label.replace(" ", "_").replace("/", "-") + ".log")
+        err = None if args.verbose else open(self.log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.workers", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
-            env=worker_env(spec),
+            env=worker_env(spec, args.allocator),
         )
         self.info: dict = {}
         self.step_seconds: list[float] = []
@@ -135,7 +132,7 @@ class Worker:
 def start(label: str, spec: dict, args) -> Worker:
     """Start a worker and wait until it has compiled and warmed up (one at a time: compiles must
     not compete with each other, and only one process should hold activation memory)."""
-    w = Worker(label, spec, args.log_dir, args.verbose)
+    w = Worker(label, spec, args)
     w.info = w.read()
     w.rss, w.peak = w.info.get("idle_rss") or 0.0, w.info.get("warmup_peak_rss") or 0.0
     status = f"error: {w.info['error']}" if "error" in w.info else f"ready ({w.info.get('warm_step_s', 0):.3g} s/step)"
@@ -194,7 +191,7 @@ def matmul_peak(args) -> dict:
     spec = {"kind": "matmul_peak", "threads": args.torch_threads}
     if args.quick:
         spec.update(sizes=[1024, 2048], reps=3)
-    w = Worker("matmul_peak", spec, args.log_dir, args.verbose)
+    w = Worker("matmul_peak", spec, args)
     r = w.read()
     w.proc.wait()
     return r.get("result", {})
@@ -215,6 +212,9 @@ def train_impls(args) -> list[Impl]:
         label, flags = variant.split(":", 1)
         for prec in args.precisions:
             impls.append(Impl(f"jax {prec} {label}", {"kind": "jax_train", "precision": prec, "xla_flags": flags}))
+    if args.xla_dots:  # the same step without the oneDNN kernel (jax_mmdit.kernels.onednn)
+        for prec in args.precisions:
+            impls.append(Impl(f"jax {prec} xla-dots", {"kind": "jax_train", "precision": prec, "env": {"MMDIT_ONEDNN": "off"}}))
     if args.accum > 1:  # same maths, activations of batch/accum at a time
         for prec in args.precisions:
             impls.append(Impl(f"jax {prec} accum{args.accum}", {"kind": "jax_train", "precision": prec, "accum": args.accum}))
@@ -369,6 +369,8 @@ def parse_args(argv=None):
     p.add_argument("--ref-src", type=Path, help="a directory holding another jax_mmdit package (e.g. "
                    "`git archive HEAD jax_mmdit | tar -x -C DIR`): adds its jax rows, timed alongside")
     p.add_argument("--json", type=Path, help="also write raw results here")
+    p.add_argument("--xla-dots", action="store_true",
+                   help="also time jax rows with MMDIT_ONEDNN=off (XLA's own dots), alongside")
     p.add_argument("--allocator", choices=["jemalloc", "system"], default=None,
                    help="malloc of every worker, jax and torch alike (default: jemalloc where installed, "
                         "as `mmdit` runs on CPU; bench_allocator compares the two)")
@@ -385,7 +387,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    ALLOCATOR["name"] = args.allocator
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         args.log_dir = Path(tmp)
         peaks = [] if args.gpu else [matmul_peak(args)]

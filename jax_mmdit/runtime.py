@@ -55,6 +55,14 @@ def find_jemalloc() -> str | None:
     return ctypes.util.find_library("jemalloc")  # e.g. "libjemalloc.so.2" (ldconfig's cache)
 
 
+def jemalloc_env(env: dict[str, str], lib: str) -> dict[str, str]:
+    """`env` with jemalloc (`lib`, from find_jemalloc) preloaded and decay off unless MALLOC_CONF is set."""
+    env = dict(env)
+    env["LD_PRELOAD"] = f"{lib} {env.get('LD_PRELOAD', '')}".strip()
+    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    return env
+
+
 def use_jemalloc() -> None:
     """Command-line entry points only: restart this process (same pid, same arguments) with jemalloc
     preloaded, on CPU-only Linux hosts where it is installed (Debian: libjemalloc2), unless
@@ -68,9 +76,7 @@ def use_jemalloc() -> None:
     lib = find_jemalloc()
     if lib is None:
         return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = f"{lib} {env.get('LD_PRELOAD', '')}".strip()
-    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    env = jemalloc_env(os.environ, lib)
     sys.stdout.flush()
     sys.stderr.flush()
     # orig_argv keeps `-m module` forms; the preload makes the check above false after the exec.

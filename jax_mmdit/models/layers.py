@@ -124,13 +124,12 @@ def matmul(x_MxK: jax.Array, w_KxN: jax.Array, dtype: Dtype) -> jax.Array:
     takes `_bf16_matmul`; fp16 asks for fp16 results, the one fp16 dot XLA:CPU supports under
     every matmul precision (it computes it in fp32 internally)."""
     dt = jnp.dtype(dtype)
-    on_cpu = jax.default_backend() == "cpu"
-    if on_cpu and dt in (jnp.float32, jnp.bfloat16) and onednn.enabled():
+    if dt in (jnp.float32, jnp.bfloat16) and onednn.enabled():  # CPU only
         return _onednn_matmul(x_MxK.astype(dt), w_KxN)
     if dt == jnp.float32:
         return jnp.dot(x_MxK.astype(jnp.float32), w_KxN)
     x_MxK = x_MxK.astype(dt)
-    if not on_cpu:
+    if jax.default_backend() != "cpu":
         return jnp.dot(x_MxK, w_KxN.astype(dt))
     if dt == jnp.bfloat16:
         return _bf16_matmul(x_MxK, w_KxN)

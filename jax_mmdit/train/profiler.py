@@ -39,11 +39,7 @@ def compiled_flops(compiled) -> float | None:
         cost = cost[0] if cost else None
     if not cost or "flops" not in cost:
         return None
-    try:
-        text = compiled.as_text()
-    except Exception:
-        text = ""
-    return float(cost["flops"]) + onednn.hlo_flops(text or "")
+    return float(cost["flops"]) + onednn.hlo_flops(compiled.as_text() or "")
 
 
 def mfu(flops_per_step: float | None, step_seconds: float, num_devices: int, peak: float | None) -> float | None:
