@@ -54,11 +54,12 @@ class Group:
 
 
 # ---- workers -------------------------------------------------------------------------------------
-def worker_env(spec: dict, allocator: str) -> dict:
-    """The worker's environment: the same malloc for every row (--allocator), plus the row's own
-    variables (e.g. MMDIT_ONEDNN=off for the --xla-dots rows)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), **spec.get("env", {})}
-    if allocator == "jemalloc":
+def worker_env(spec: dict, args, cache_dir: Path) -> dict:
+    """The worker's environment: the same malloc for every row (--allocator), the row's own
+    variables (e.g. MMDIT_ONEDNN=off for the --xla-dots rows), and a compilation cache of its own,
+    so a restarted worker loads its program instead of compiling it again."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(cache_dir), **spec.get("env", {})}
+    if args.allocator == "jemalloc":
         from jax_mmdit import runtime
 
         env = runtime.jemalloc_env(env, runtime.find_jemalloc())
@@ -66,20 +67,42 @@ def worker_env(spec: dict, allocator: str) -> dict:
 
 
 class Worker:
+    """One implementation's worker process. It can be stopped while idle (to give all its memory
+    back) and is started again, from its compilation cache, when it is next asked to run."""
+
     def __init__(self, label: str, spec: dict, args):
         self.label = label
         self.spec = spec
-        self.log = args.log_dir / (label.replace(" ", "_").replace("/", "-") + ".log")
-        err = None if args.verbose else open(self.log, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.workers", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
-            env=worker_env(spec, args.allocator),
-        )
+        self.args = args
+        name = label.replace(" ", "_").replace("/", "-")
+        self.log = args.log_dir / (name + ".log")
+        self.cache_dir = args.log_dir / "jax-cache" / name
         self.info: dict = {}
         self.step_seconds: list[float] = []
-        self.rss = 0.0  # resident bytes when it last went idle
-        self.peak = 0.0  # largest resident bytes seen while it ran
+        self.restarts = 0
+        self.rss = 0.0  # resident bytes when it last went idle (0 while stopped)
+        self.peak = 0.0  # largest resident bytes seen, compilation and warm-up included
+        self.timed_peak = 0.0  # largest resident bytes over the timed steps only (the table's)
+        self.proc = None
+
+    def start(self) -> dict:
+        """Start the process and wait until it has compiled and warmed up; returns its ready line."""
+        err = None if self.args.verbose else open(self.log, "a")
+        # A restart warms up as many steps as the first start: a fresh heap takes a few steps to
+        # reach its steady state, and every row should be timed in the same state.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.workers", json.dumps(self.spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
+            env=worker_env(self.spec, self.args, self.cache_dir),
+        )
+        ready = self.read()
+        self.rss = ready.get("idle_rss") or 0.0
+        self.peak = max(self.peak, ready.get("warmup_peak_rss") or 0.0)
+        return ready
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def read(self) -> dict:
         for line in self.proc.stdout:
@@ -96,6 +119,13 @@ class Worker:
     def run(self, n: int) -> None:
         if "error" in self.info:
             return
+        if not self.running:
+            print(f"  [{self.label}] restarting (stopped to make room)", file=sys.stderr, flush=True)
+            ready = self.start()
+            self.restarts += 1
+            if "error" in ready:
+                self.info["error"] = f"restart failed: {ready['error']}"
+                return
         try:
             self.send({"op": "run", "n": n})
         except (BrokenPipeError, OSError):  # died (e.g. the OOM killer): report it, time the rest
@@ -104,25 +134,25 @@ class Worker:
         r = self.read()
         if "seconds" in r:
             self.step_seconds.append(r["seconds"] / r["n"])
-            self.rss, self.peak = r.get("rss") or 0.0, max(self.peak, r.get("peak_rss") or 0.0)
+            self.rss = r.get("rss") or 0.0
+            self._saw_peak(r)
         else:
             self.info.setdefault("error", r.get("error", "no result"))
 
-    def trim(self) -> None:
-        try:
-            self.send({"op": "trim"})
-            self.rss = self.read().get("idle_rss") or 0.0
-        except (BrokenPipeError, OSError):
-            self.rss = 0.0
-
     def quit(self) -> None:
-        if self.proc.poll() is None:
+        if self.running:
             try:
                 self.send({"op": "quit"})
-                self.info.update({k: v for k, v in self.read().items() if k in ("peak_rss", "idle_rss")})
+                self._saw_peak(self.read())
             except (BrokenPipeError, OSError):
                 pass
-        self.proc.wait()
+        if self.proc is not None:
+            self.proc.wait()
+        self.rss = 0.0
+
+    def _saw_peak(self, r: dict) -> None:
+        self.timed_peak = max(self.timed_peak, r.get("peak_rss") or 0.0)
+        self.peak = max(self.peak, self.timed_peak)
 
     @property
     def median_s(self) -> float | None:
@@ -133,8 +163,7 @@ def start(label: str, spec: dict, args) -> Worker:
     """Start a worker and wait until it has compiled and warmed up (one at a time: compiles must
     not compete with each other, and only one process should hold activation memory)."""
     w = Worker(label, spec, args)
-    w.info = w.read()
-    w.rss, w.peak = w.info.get("idle_rss") or 0.0, w.info.get("warmup_peak_rss") or 0.0
+    w.info = w.start()
     status = f"error: {w.info['error']}" if "error" in w.info else f"ready ({w.info.get('warm_step_s', 0):.3g} s/step)"
     print(f"  [{label}] {status}", file=sys.stderr, flush=True)
     return w
@@ -155,14 +184,19 @@ def _mem_available() -> float:
         return next(float(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
-def make_room(w: Worker, live: list[Worker]) -> None:
-    """Trim idle workers (largest first) until `w`'s step fits with a margin. Only when needed:
-    a trimmed worker spends an untimed step getting its heap back, and small configs never do."""
-    need = max(w.peak - w.rss, w.info.get("xla_plan") or 0.0, 2 * GIB) + 1.5 * GIB
-    for other in sorted((o for o in live if o is not w and o.rss > 0.5 * GIB), key=lambda o: -o.rss):
+def make_room(need: float, idle: list[Worker]) -> None:
+    """Stop idle workers (largest first) until `need` bytes are available. Only when needed: a
+    stopped worker pays a restart (loading its cached program, warm-up steps) before its next
+    segment, and small configs never stop."""
+    for other in sorted((o for o in idle if o.running), key=lambda o: -o.rss):
         if _mem_available() >= need:
             return
-        other.trim()
+        other.quit()
+
+
+def step_need(w: Worker) -> float:
+    """Bytes `w` needs free before its next segment, with a margin."""
+    return max(w.peak - w.rss, w.info.get("xla_plan") or 0.0, 2 * GIB) + 1.5 * GIB
 
 
 def measure_group(g: Group, args) -> list[Worker]:
@@ -170,6 +204,8 @@ def measure_group(g: Group, args) -> list[Worker]:
     workers = []
     for impl in g.impls + g.extras:
         spec = {**g.spec, **impl.spec}
+        # A new worker is assumed to need as much as the largest one started so far.
+        make_room(max((w.peak for w in workers), default=0.0) + 1.5 * GIB, workers)
         w = start_with_fallback(impl.label, spec, args) if args.gpu else start(impl.label, spec, args)
         w.impl = impl
         workers.append(w)
@@ -179,7 +215,7 @@ def measure_group(g: Group, args) -> list[Worker]:
         k = r % max(len(live), 1)
         for w in live[k:] + live[:k]:
             n = max(1, round(args.segment_s / max(w.info["warm_step_s"], 1e-6)))
-            make_room(w, live)
+            make_room(step_need(w), [o for o in live if o is not w])
             w.run(n)
         print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     for w in workers:
@@ -192,7 +228,7 @@ def matmul_peak(args) -> dict:
     if args.quick:
         spec.update(sizes=[1024, 2048], reps=3)
     w = Worker("matmul_peak", spec, args)
-    r = w.read()
+    r = w.start()
     w.proc.wait()
     return r.get("result", {})
 
@@ -318,7 +354,7 @@ def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -
                 f"{_fmt(ref.median_s / s if ref and s else None, '.2f')} | {_fmt(gfs, '.0f')} | "
                 f"{_fmt(gfs * 1e9 / peak * 100 if gfs and peak else None, '.0f')} | {_fmt(mfu, '.1f')} | "
                 f"{_fmt(w.info['xla_plan'] / GIB if w.info.get('xla_plan') else None, '.2f')} | "
-                f"{_fmt(w.info['peak_rss'] / GIB if w.info.get('peak_rss') else None, '.2f')} | "
+                f"{_fmt(w.timed_peak / GIB if w.timed_peak else None, '.2f')} | "
                 f"{_fmt(w.info.get('compile_s') if w.spec['kind'] == 'jax_train' else None, '.0f')} |"
             )
         extras = [w for w in workers if w.impl in g.extras]
@@ -336,6 +372,9 @@ def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -
             else:
                 ratio = f", {rate / best_train:.0f}x the fastest JAX train step ({best_train:.1f} img/s)" if best_train else ""
                 lines.append(f"{g.name} data loader: {rate:.0f} img/s (batch {w.info['batch']}){ratio}")
+    restarted = [f"{w.label} ({g.name}) x{w.restarts}" for g, ws in results for w in ws if w.restarts]
+    if restarted:
+        lines.append("\nStopped while idle to make room, restarted from the compilation cache: " + ", ".join(restarted))
     lines.append(
         f"\nMedians of {args.rounds} alternating rounds of ~{args.segment_s:g} s segments per row; torch threads "
         f"{args.torch_threads}; FLOPs per config from XLA cost analysis of the jax fp32 step; "

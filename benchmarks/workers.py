@@ -13,7 +13,6 @@ A worker never imports jax before its environment (XLA_FLAGS) is final.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import sys
@@ -59,42 +58,21 @@ def rss_bytes() -> float | None:
     return kib * 1024 if kib is not None else None
 
 
-def trim_heap() -> None:
-    """Give freed heap pages back to the OS, so an idle worker does not sit on the memory its last
-    step used while another worker runs: jemalloc's purge of all arenas (4096 = MALLCTL_ARENAS_ALL)
-    when it is preloaded, glibc's malloc_trim otherwise."""
-    process = ctypes.CDLL(None)
-    if hasattr(process, "mallctl"):  # jemalloc is preloaded
-        process.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
-
-
 # ---- serving -------------------------------------------------------------------------------------
 def serve(step, sync, info: dict) -> None:
     """`step()` launches one unit of work (may be async), `sync(result)` waits for it.
 
-    Ops: run (timed steps), trim (give the heap back: the orchestrator asks idle workers when the
-    next one would not fit in memory), quit. After a trim one untimed step regrows the heap first,
-    so the timed steps see the steady state of a training process, not a one-off regrowth."""
+    Ops: run (timed steps), quit. The orchestrator quits an idle worker when the next one would
+    not fit in memory and starts it again (from the compilation cache) for its next segment: a
+    process's exit is the one way to hand all of its heap back (a jemalloc heap purged while idle
+    regrew larger than a training process's, DiT-S/2 bf16 b32: 7.7 GB against 5.2, and OOM-killed
+    the batch-128 bf16 row)."""
     warmup_peak = peak_rss_bytes()  # warm-up steps (and compilation): what a step may need
-    # Compilation's memory goes back to the OS. Under jemalloc the purged heap then regrows larger
-    # than a training process's (DiT-S/2 bf16 b32: 7.7 GB against 5.2), but without this purge
-    # the idle workers of a batch-128 config do not fit in 24 GB together (both jax rows died).
-    trim_heap()
     reset_peak_rss()
-    trimmed = True
     emit({"ready": True, "idle_rss": rss_bytes(), "warmup_peak_rss": warmup_peak, **info})
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "run":
-            if trimmed:
-                sync(step())
-                trimmed = False
             # Back to back like a real training loop (JAX dispatch overlaps the next step), one
             # sync at the end.
             t0 = time.perf_counter()
@@ -103,10 +81,6 @@ def serve(step, sync, info: dict) -> None:
                 out = step()
             sync(out)
             emit({"seconds": time.perf_counter() - t0, "n": cmd["n"], "rss": rss_bytes(), "peak_rss": peak_rss_bytes()})
-        elif cmd["op"] == "trim":
-            trim_heap()
-            trimmed = True
-            emit({"idle_rss": rss_bytes()})
         elif cmd["op"] == "quit":
             emit({"peak_rss": peak_rss_bytes(), "idle_rss": rss_bytes()})
             return

@@ -1,4 +1,5 @@
-"""oneDNN matmul custom call: parity with XLA's dots, gradients, FLOP counting, fallback.
+"""oneDNN custom calls (matmul, fused attention): parity with XLA and float64 references,
+gradients, FLOP counting, fallback.
 
 The suite runs on 8 fake CPU devices, where MMDIT_ONEDNN's default ("auto") stays off; these
 tests switch it on explicitly (single-device jits) and fail if the kernel cannot be built: CI
@@ -82,6 +83,91 @@ def test_dense_and_attention_gradients_match_xla_path(dtype, monkeypatch):
         np.testing.assert_allclose(np.asarray(g_on, np.float32), np.asarray(g_off, np.float32), rtol=tol, atol=tol)
 
 
+def _attention_reference(q, k, v):
+    """float64 softmax attention on (B, L, H, D) inputs."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = np.einsum("blhd,bshd->bhls", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhls,bshd->blhd", p, v)
+
+
+# (B, L, S, H, D): query and key lengths differ (MMDiT-like), a head size that is not 64, one head,
+# and short sequences over many heads (the kernel then batches 8 heads per unit).
+ATTENTION_SHAPES = [(2, 24, 40, 3, 16), (3, 17, 17, 1, 64), (16, 9, 9, 4, 8)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_attention_matches_float64_reference(use_onednn, shape, dtype):
+    B, L, S, H, D = shape
+    q, k, v = _rand((B, L, H, D), dtype, 1), _rand((B, S, H, D), dtype, 2), _rand((B, S, H, D), dtype, 3)
+    do = _rand((B, L, H, D), dtype, 4)
+    o = jax.jit(onednn.attention_forward)(q, k, v)
+    grads = jax.jit(onednn.attention_backward)(q, k, v, do)
+    assert o.dtype == dtype and o.shape == q.shape
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape] and all(g.dtype == dtype for g in grads)
+
+    # Gradients of sum(o * do) through float64 autodiff of the reference.
+    with jax.enable_x64():
+        args = [jnp.asarray(np.asarray(a, np.float64)) for a in (q, k, v)]
+
+        def ref(q, k, v):
+            s = jnp.einsum("blhd,bshd->bhls", q, k) / np.sqrt(D)
+            return jnp.einsum("bhls,bshd->blhd", jax.nn.softmax(s, axis=-1), v)
+
+        o_ref, vjp = jax.vjp(ref, *args)
+        grads_ref = vjp(jnp.asarray(np.asarray(do, np.float64)))
+    np.testing.assert_allclose(o_ref, _attention_reference(q, k, v), rtol=1e-12, atol=1e-12)
+    # float32: 1e-7-level errors measured; bfloat16: the inputs are exact, the result, the
+    # probabilities and ds are rounded to bf16 (~2-4e-3 of the largest value measured).
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    for got, want in zip((o, *grads), (o_ref, *grads_ref)):
+        want = np.asarray(want)
+        err = np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
+        assert err < tol
+
+
+def test_fused_attention_is_what_auto_attention_runs_and_matches_the_xla_path(use_onednn):
+    q, k, v = (_rand((2, 16, 3, 8), jnp.float32, s) for s in (5, 6, 7))
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(jnp.sin(layers.attention(q, k, v, impl)))
+
+    fused = jax.jit(jax.value_and_grad(loss("auto"), argnums=(0, 1, 2)))
+    text = fused.lower(q, k, v).compile().as_text()
+    assert onednn.ATTENTION_FWD in text and onednn.ATTENTION_BWD in text
+    (val_f, grads_f), (val_x, grads_x) = fused(q, k, v), jax.jit(jax.value_and_grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(val_f, val_x, rtol=1e-5)
+    for g_f, g_x in zip(grads_f, grads_x):
+        np.testing.assert_allclose(g_f, g_x, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_attention_rejects_bad_operands(use_onednn):
+    q = jnp.zeros((2, 8, 3, 16), jnp.float32)
+    with pytest.raises(TypeError, match="one dtype"):
+        onednn.attention_forward(q, q.astype(jnp.bfloat16), q)
+    with pytest.raises(ValueError, match=r"\(B, L, H, D\)"):
+        onednn.attention_forward(q, jnp.zeros((2, 8, 3, 8), jnp.float32), jnp.zeros((2, 8, 3, 8), jnp.float32))
+    with pytest.raises(ValueError, match="do must be like q"):
+        onednn.attention_backward(q, q, q, q[:, :4])
+
+
+def test_attention_kernels_are_counted_as_model_flops(use_onednn):
+    from jax_mmdit.train import profiler
+
+    B, L, S, H, D = 2, 24, 40, 3, 16
+    q, kv = _rand((B, L, H, D), jnp.float32, 1), _rand((B, S, H, D), jnp.float32, 2)
+    # sum(o * c) with a constant c: no other FLOP-heavy op. value_and_grad: the gradient alone
+    # does not need the forward's output, and XLA drops the forward call.
+    c = _rand((B, L, H, D), jnp.float32, 3)
+    f = jax.value_and_grad(lambda q, kv: jnp.sum(layers.attention(q, kv, kv, "auto").reshape(q.shape) * c), argnums=(0, 1))
+    compiled = jax.jit(f).lower(q, kv).compile()
+    attention_flops = onednn.hlo_flops(compiled.as_text())
+    assert attention_flops == (4 + 8) * B * H * L * S * D  # forward 2 matmuls, backward 4
+    assert profiler.compiled_flops(compiled) >= attention_flops
+
+
 def test_custom_calls_are_counted_in_flops(monkeypatch):
     from jax_mmdit.train import profiler
 
@@ -99,8 +185,9 @@ def test_custom_calls_are_counted_in_flops(monkeypatch):
         compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(x, w, q).compile()
         counts[mode] = profiler.compiled_flops(compiled)
         assert (onednn.TARGET in compiled.as_text()) == (mode == "on")
-    # 3 dense matmuls (64x48x40) + 6 attention matmuls (6 heads-batches of 16x16x8), x2 FLOPs.
-    matmul_flops = 2 * (3 * 64 * 48 * 40 + 6 * 6 * 16 * 16 * 8)
+    # 3 dense matmuls (64x48x40) + 6 attention matmuls (2x16 heads of 3x3x8), x2 FLOPs; XLA also
+    # counts softmax's elementwise work, which the fused kernel's count leaves out.
+    matmul_flops = 2 * (3 * 64 * 48 * 40 + 6 * 2 * 16 * 3 * 3 * 8)
     assert counts["off"] > matmul_flops
     assert counts["on"] == pytest.approx(counts["off"], rel=0.02)
 
@@ -156,6 +243,7 @@ def test_train_steps_on_onednn_match_xla(tmp_path, monkeypatch, precision):
         tr = Trainer(cfg, devices=jax.devices()[:1])
         it = tr.train_data.iterator(cfg.batch_size, seed=cfg.seed)
         losses[mode] = np.asarray(jax.device_get([tr.train_step(next(it))["loss"] for _ in range(3)]))
-        assert (onednn.TARGET in tr._compiled_step.as_text()) == (mode == "on")
+        text = tr._compiled_step.as_text()
+        assert (onednn.TARGET in text) == (onednn.ATTENTION_BWD in text) == (mode == "on")
     assert len(set(np.round(losses["off"], 6))) == 3  # the loss moves, so parameters were updated
     np.testing.assert_allclose(losses["on"], losses["off"], rtol=1e-3 if precision == "bf16" else 1e-5)

@@ -79,7 +79,8 @@ class ModelConfig:
     mlp: str = "gelu"
     # Compute dtype of activations/matmuls; parameters, norms and softmax stay float32.
     dtype: str = "float32"
-    # Attention kernel: "auto" (jax's default choice), "xla", or "cudnn" (GPU flash, half dtypes).
+    # Attention kernel: "auto" (GPU: cuDNN flash with an XLA fallback; CPU: the fused oneDNN kernel
+    # where it builds), "xla" (XLA's softmax between matmuls), or "cudnn" (GPU flash, half dtypes).
     attention: str = "auto"
     # Recompute each block in the backward pass: less activation memory, ~30% more compute.
     remat: bool = False

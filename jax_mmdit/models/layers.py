@@ -321,7 +321,7 @@ class FinalLayer(nnx.Module):
 class QKV(nnx.Module):
     """Fused q/k/v projection of one token stream (one matmul), optional per-head RMS QK-norm.
     Kernel columns are [q | k | v], each (heads, head_dim): the layout of DiT/timm's qkv Linear.
-    Returns heads-major (B, N, L, K) tensors, the layout the attention matmuls want."""
+    Returns (B, L, N, K) tensors, the layout the projection writes (no transposes here)."""
 
     def __init__(self, hidden: int, num_heads: int, qk_norm: bool, dtype: Dtype, rngs: nnx.Rngs):
         self.num_heads, self.dtype = num_heads, dtype
@@ -336,14 +336,12 @@ class QKV(nnx.Module):
         qkv_BxLx3xNxK = self.qkv(h_MxD).reshape(batch, M // batch, 3, N, D // N)
         # split, not indexing: the gradient of a split is one concatenate, while three index
         # slices each become a zero-padded full-size array that XLA then adds up.
-        q_BxNxLxK, k_BxNxLxK, v_BxNxLxK = (
-            a[:, :, 0].transpose(0, 2, 1, 3) for a in jnp.split(qkv_BxLx3xNxK, 3, axis=2)
-        )
+        q_BxLxNxK, k_BxLxNxK, v_BxLxNxK = (a[:, :, 0] for a in jnp.split(qkv_BxLx3xNxK, 3, axis=2))
         if self.q_norm is not None:
-            q_BxNxLxK, k_BxNxLxK = self.q_norm(q_BxNxLxK), self.k_norm(k_BxNxLxK)
+            q_BxLxNxK, k_BxLxNxK = self.q_norm(q_BxLxNxK), self.k_norm(k_BxLxNxK)
         # The projection may come back in float32 (see `matmul`); attention's matmuls take the
-        # compute dtype, and the cast fuses into the head transpose above.
-        return q_BxNxLxK.astype(self.dtype), k_BxNxLxK.astype(self.dtype), v_BxNxLxK.astype(self.dtype)
+        # compute dtype, and the cast fuses into the split above.
+        return q_BxLxNxK.astype(self.dtype), k_BxLxNxK.astype(self.dtype), v_BxLxNxK.astype(self.dtype)
 
 
 def _batched_dot(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool, use_onednn: bool) -> jax.Array:
@@ -402,16 +400,39 @@ def _softmax_attention_bwd(use_onednn, res, do_BxNxLxK):
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
-def attention(q_BxNxLxK: jax.Array, k_BxNxSxK: jax.Array, v_BxNxSxK: jax.Array, implementation: str) -> jax.Array:
+@jax.custom_vjp
+def _onednn_attention(q_BxLxNxK: jax.Array, k_BxSxNxK: jax.Array, v_BxSxNxK: jax.Array) -> jax.Array:
+    """Softmax attention as two oneDNN kernels (`kernels/onednn_kernels.cc`), one per direction: per
+    head, logits, softmax and both matmuls run in cache, and the backward recomputes the
+    probabilities rather than keeping them. Measured against `_softmax_attention` on oneDNN
+    matmuls (B=32, L=256, 6x64 heads, alternated): see docs/performance.md."""
+    return onednn.attention_forward(q_BxLxNxK, k_BxSxNxK, v_BxSxNxK)
+
+
+def _onednn_attention_fwd(q_BxLxNxK, k_BxSxNxK, v_BxSxNxK):
+    return onednn.attention_forward(q_BxLxNxK, k_BxSxNxK, v_BxSxNxK), (q_BxLxNxK, k_BxSxNxK, v_BxSxNxK)
+
+
+def _onednn_attention_bwd(res, do_BxLxNxK):
+    q_BxLxNxK, k_BxSxNxK, v_BxSxNxK = res
+    return onednn.attention_backward(q_BxLxNxK, k_BxSxNxK, v_BxSxNxK, do_BxLxNxK.astype(q_BxLxNxK.dtype))
+
+
+_onednn_attention.defvjp(_onednn_attention_fwd, _onednn_attention_bwd)
+
+
+def attention(q_BxLxNxK: jax.Array, k_BxSxNxK: jax.Array, v_BxSxNxK: jax.Array, implementation: str) -> jax.Array:
     """Softmax attention -> (B, L, N*K). Logits, softmax statistics and accumulation are fp32.
 
     "auto" off-CPU and "cudnn" call `jax.nn.dot_product_attention`; "auto" on a GPU with bf16/fp16
-    tries cuDNN flash attention first and falls back to jax's XLA kernel (untested here: no GPU). "xla" and "auto" on CPU use `_softmax_attention`, measured
-    on XLA:CPU (B=32, L=256, 6x64 heads) at 31 ms forward / 155 ms forward+backward against 96 / 260
-    ms for jax's version: the heads-major layout avoids transposes around the batched matmuls."""
-    B, N, L, K = q_BxNxLxK.shape
+    tries cuDNN flash attention first and falls back to jax's XLA kernel (untested here: no GPU).
+    On CPU, "auto" runs the fused oneDNN kernels when they are enabled (`kernels.onednn`), and
+    "xla" (or "auto" without them) `_softmax_attention`, measured on XLA:CPU (B=32, L=256, 6x64
+    heads) at 31 ms forward / 155 ms forward+backward against 96 / 260 ms for jax's version: the
+    heads-major layout avoids transposes around the batched matmuls."""
+    B, L, N, K = q_BxLxNxK.shape
     if implementation == "cudnn" or (implementation == "auto" and jax.default_backend() != "cpu"):
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q_BxNxLxK, k_BxNxSxK, v_BxNxSxK))
+        q, k, v = q_BxLxNxK, k_BxSxNxK, v_BxSxNxK
         if implementation == "auto" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
             # jax's None never picks cuDNN (0.10): ask for its flash kernel, and fall back to XLA
             # when this cuDNN or shape is not supported (jax checks that while tracing).
@@ -421,8 +442,11 @@ def attention(q_BxNxLxK: jax.Array, k_BxNxSxK: jax.Array, v_BxNxSxK: jax.Array, 
                 pass
         impl = "cudnn" if implementation == "cudnn" else None
         return jax.nn.dot_product_attention(q, k, v, implementation=impl).reshape(B, L, N * K)
-    use_onednn = q_BxNxLxK.dtype in (jnp.float32, jnp.bfloat16) and onednn.enabled()
-    o_BxNxLxK = _softmax_attention(q_BxNxLxK, k_BxNxSxK, v_BxNxSxK, use_onednn)
+    use_onednn = q_BxLxNxK.dtype in (jnp.float32, jnp.bfloat16) and onednn.enabled()
+    if use_onednn and implementation == "auto":
+        return _onednn_attention(q_BxLxNxK, k_BxSxNxK, v_BxSxNxK).reshape(B, L, N * K)
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q_BxLxNxK, k_BxSxNxK, v_BxSxNxK))
+    o_BxNxLxK = _softmax_attention(q, k, v, use_onednn)
     return o_BxNxLxK.transpose(0, 2, 1, 3).reshape(B, L, N * K)
 
 

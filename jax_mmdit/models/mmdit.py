@@ -69,9 +69,9 @@ class MMDiTBlock(nnx.Module):
         qc, kc, vc = self.c_attn(hc_MxD, B)
         # Image tokens first (diffusers order); joint attention is permutation-equivariant anyway.
         o_BxSxD = attention(
-            jnp.concatenate([qx, qc], axis=2),
-            jnp.concatenate([kx, kc], axis=2),
-            jnp.concatenate([vx, vc], axis=2),
+            jnp.concatenate([qx, qc], axis=1),
+            jnp.concatenate([kx, kc], axis=1),
+            jnp.concatenate([vx, vc], axis=1),
             self.attention_impl,
         )
 

@@ -1,0 +1,424 @@
+// XLA:CPU custom calls on oneDNN: a (batched) matmul with float32 result, and fused attention
+// forward and backward.
+//
+// Matmul.
+//
+// Why: XLA:CPU runs bf16 dots on YNNPACK only in two operand layouts and upcasts the others to fp32,
+// and never reaches AMX-class speed on this model's shapes; oneDNN's matmul primitive runs bf16 on
+// AMX (avx512_core_amx_bf16) at 1000-2000 GFLOP/s on a 2-core Xeon, in every layout.
+//
+// Operands: a (..., M, K) or, with transpose_a, (..., K, M); b (K, N) or (N, K) with transpose_b,
+// or with the same leading (batch) dims as a. Both float32 or both bfloat16. Result (..., M, N) f32.
+// Transposes are strides in oneDNN's memory descriptors: no copies.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// batch, M, K, N, transpose_a, transpose_b, b_batched, bf16
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, bool, bool>;
+
+dnnl::memory::desc OperandDesc(int64_t batch, int64_t rows, int64_t cols, bool transposed,
+                               bool batched, dnnl::memory::data_type dt) {
+  // Logical (batch, rows, cols); stored (batch, rows, cols) or (batch, cols, rows) if transposed.
+  dnnl::memory::dims strides = transposed ? dnnl::memory::dims{rows * cols, 1, rows}
+                                          : dnnl::memory::dims{rows * cols, cols, 1};
+  return dnnl::memory::desc({batched ? batch : 1, rows, cols}, dt, strides);
+}
+
+// Primitive creation dispatches over oneDNN's implementations (tens of microseconds); a train step
+// calls the same few shapes hundreds of times, so primitives are kept per shape.
+struct Entry {
+  dnnl::matmul::primitive_desc pd;
+  dnnl::matmul prim;
+};
+
+const Entry& Primitive(const Key& key) {
+  static std::mutex mutex;
+  static std::map<Key, Entry> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  auto [batch, M, K, N, ta, tb, b_batched, bf16] = key;
+  auto dt = bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
+  auto a_md = OperandDesc(batch, M, K, ta, true, dt);
+  auto b_md = OperandDesc(batch, K, N, tb, b_batched, dt);
+  dnnl::memory::desc c_md({batch, M, N}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::abc);
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), Engine());
+  return cache.emplace(key, Entry{pd, dnnl::matmul(pd)}).first->second;
+}
+
+ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                  bool transpose_a, bool transpose_b) {
+  auto a_dims = a.dimensions();
+  auto b_dims = b.dimensions();
+  if (a.element_type() != b.element_type() ||
+      (a.element_type() != ffi::F32 && a.element_type() != ffi::BF16))
+    return ffi::Error::InvalidArgument("onednn_matmul: operands must both be float32 or bfloat16");
+  size_t rank = a_dims.size();
+  if (rank < 2 || (b_dims.size() != 2 && b_dims.size() != rank))
+    return ffi::Error::InvalidArgument("onednn_matmul: a must be (..., M, K), b (K, N) or batched like a");
+  int64_t batch = 1;
+  for (size_t i = 0; i + 2 < rank; ++i) batch *= a_dims[i];
+  int64_t M = transpose_a ? a_dims[rank - 1] : a_dims[rank - 2];
+  int64_t K = transpose_a ? a_dims[rank - 2] : a_dims[rank - 1];
+  size_t br = b_dims.size();
+  int64_t Kb = transpose_b ? b_dims[br - 1] : b_dims[br - 2];
+  int64_t N = transpose_b ? b_dims[br - 2] : b_dims[br - 1];
+  if (K != Kb) return ffi::Error::InvalidArgument("onednn_matmul: contraction sizes differ");
+  bool b_batched = br == rank && rank > 2;
+  try {
+    Key key{batch, M, K, N, transpose_a, transpose_b, b_batched, a.element_type() == ffi::BF16};
+    const Entry& entry = Primitive(key);
+    const auto& pd = entry.pd;
+    dnnl::memory a_mem(pd.src_desc(), Engine(), a.untyped_data());
+    dnnl::memory b_mem(pd.weights_desc(), Engine(), b.untyped_data());
+    dnnl::memory c_mem(pd.dst_desc(), Engine(), out->typed_data());
+    dnnl::stream stream(Engine());
+    entry.prim.execute(stream, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn_matmul: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// ---- fused attention --------------------------------------------------------------------------
+// o = softmax(scale * q k^T) v with q (B, L, H, D), k and v (B, S, H, D), o (B, L, H, D), one dtype
+// (float32 or bfloat16): the layout the QKV projection writes, so no transposes around the calls.
+// Logits and softmax are float32. The unit of work is one head of one batch element: its L x S
+// logits (256 KiB at L = S = 256) stay in the core's cache between the matmul that writes them,
+// the softmax and the matmul that reads them, where XLA's version passes ~50 MB of logits through
+// memory three times per DiT-S/2 layer at batch 32. Short sequences group several heads per unit
+// (batched primitives), so per-call overheads do not dominate. Units run in parallel over OpenMP
+// threads, each running single-threaded oneDNN primitives (oneDNN does not nest parallel regions)
+// on its own buffers. The backward recomputes the probabilities from q and k (flash-attention style) instead
+// of keeping them: no L x S residual per layer, and the float32 probabilities the softmax backward
+// needs. Model FLOPs: 4 BHLSD forward, 8 BHLSD backward (+2 BHLSD recomputed).
+
+using dt = dnnl::memory::data_type;
+using Dims = dnnl::memory::dims;
+
+// heads per unit G, L, S, D, bf16, backward
+using AttnKey = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool>;
+
+// G dense (rows, cols) blocks of rows*cols elements each, read with these strides (a transposed
+// view of a dense block swaps them).
+dnnl::memory::desc Blocks(int64_t G, int64_t rows, int64_t cols, dt type, int64_t row_stride, int64_t col_stride) {
+  return dnnl::memory::desc({G, rows, cols}, type, Dims{rows * cols, row_stride, col_stride});
+}
+
+dnnl::primitive_attr UserScratchpad(float scale = 1.0f) {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  if (scale != 1.0f) attr.set_output_scales(0, {scale});
+  return attr;
+}
+
+struct AttnPrims {
+  // One head's operands, dense in per-thread buffers: oneDNN 2.6 runs bf16 matmuls on AMX
+  // (brgemm) only for dense operands; on the strided head views of the (B, *, H, D) arrays it
+  // picks a generic gemm ~3x slower. Rows are copied in and out instead (D elements each).
+  dnnl::memory::desc q, k_t, v, o, k, s32, p, p_t, v_t;
+  dnnl::matmul qk;                     // s32 = scale q k^T
+  dnnl::softmax_v2_forward softmax;    // forward: s32 -> p (dtype); backward: s32 -> s32 in place
+  dnnl::matmul pv;                     // o = p v
+  dnnl::reorder to_dtype;              // backward, bf16: p32 -> p
+  dnnl::matmul dv, dp, dq, dk;         // dv = p^T do; dp = do v^T; dq = scale ds k; dk = scale ds^T q
+  dnnl::softmax_v2_backward softmax_bwd;  // ds = p * (dp - rowsum(p * dp)), in dtype
+  size_t scratch = 0;
+};
+
+template <typename PD>
+void Track(AttnPrims& a, const PD& pd) {
+  a.scratch = std::max(a.scratch, pd.scratchpad_desc().get_size());
+}
+
+const AttnPrims& AttentionPrimitives(const AttnKey& key) {
+  static std::mutex mutex;
+  static std::map<AttnKey, AttnPrims> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  auto [G, L, S, D, bf16, backward] = key;
+  dt type = bf16 ? dt::bf16 : dt::f32;
+  float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  auto& eng = Engine();
+  AttnPrims a;
+  a.q = Blocks(G, L, D, type, D, 1);
+  a.k_t = Blocks(G, D, S, type, 1, D);
+  a.v = Blocks(G, S, D, type, D, 1);
+  a.o = a.q;
+  a.s32 = Blocks(G, L, S, dt::f32, S, 1);
+  a.p = Blocks(G, L, S, type, S, 1);
+  {
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a.q, a.k_t, a.s32), UserScratchpad(scale), eng);
+    a.qk = dnnl::matmul(pd);
+    Track(a, pd);
+  }
+  {
+    dnnl::memory::desc out = backward ? a.s32 : a.p;
+    dnnl::softmax_v2_forward::primitive_desc pd(
+        dnnl::softmax_v2_forward::desc(dnnl::prop_kind::forward_training, dnnl::algorithm::softmax_accurate, a.s32, out, 2),
+        UserScratchpad(), eng);
+    a.softmax = dnnl::softmax_v2_forward(pd);
+    Track(a, pd);
+    if (backward) {
+      a.k = a.v;
+      a.p_t = Blocks(G, S, L, type, 1, S);
+      a.v_t = a.k_t;
+      dnnl::softmax_v2_backward::primitive_desc bpd(
+          dnnl::softmax_v2_backward::desc(dnnl::algorithm::softmax_accurate, a.p, a.s32, a.s32, 2),
+          UserScratchpad(), eng, pd);
+      a.softmax_bwd = dnnl::softmax_v2_backward(bpd);
+      Track(a, bpd);
+    }
+  }
+  if (!backward) {
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a.p, a.v, a.o), UserScratchpad(), eng);
+    a.pv = dnnl::matmul(pd);
+    Track(a, pd);
+  } else {
+    if (bf16) {
+      dnnl::reorder::primitive_desc pd(eng, a.s32, eng, a.p, UserScratchpad());
+      a.to_dtype = dnnl::reorder(pd);
+      Track(a, pd);
+    }
+    auto mm = [&](dnnl::matmul& prim, const dnnl::memory::desc& x, const dnnl::memory::desc& y,
+                  const dnnl::memory::desc& z, float s) {
+      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(x, y, z), UserScratchpad(s), eng);
+      prim = dnnl::matmul(pd);
+      Track(a, pd);
+    };
+    mm(a.dv, a.p_t, a.o, a.v, 1.0f);    // (S, L) x (L, D): do has q's layout
+    mm(a.dp, a.o, a.v_t, a.s32, 1.0f);  // (L, D) x (D, S) -> f32
+    mm(a.dq, a.p, a.k, a.q, scale);     // ds (L, S) x (S, D)
+    mm(a.dk, a.p_t, a.q, a.k, scale);   // ds^T (S, L) x (L, D)
+  }
+  return cache.emplace(key, std::move(a)).first->second;
+}
+
+// Per-thread buffers: the logits/probabilities in float32, dp, the probabilities (then ds) in the
+// compute dtype, one head's dense q/k/v/do and results, and the primitives' scratchpad.
+struct ThreadBuffers {
+  std::vector<float> s32, dp32;
+  std::vector<char> p, q, k, v, d_o, out_q, out_k, out_v, scratch;
+};
+
+ThreadBuffers& Buffers(const AttnPrims& a, int64_t G, int64_t L, int64_t S, int64_t D, size_t elem, bool backward) {
+  thread_local ThreadBuffers buf;
+  auto grow = [](auto& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+  };
+  size_t ls = static_cast<size_t>(G * L * S), ld = static_cast<size_t>(G * L * D) * elem;
+  size_t sd = static_cast<size_t>(G * S * D) * elem;
+  grow(buf.s32, ls);
+  grow(buf.p, ls * elem);
+  grow(buf.q, ld);
+  grow(buf.k, sd);
+  grow(buf.v, sd);
+  grow(buf.out_q, ld);
+  if (backward) {
+    grow(buf.dp32, ls);
+    grow(buf.d_o, ld);
+    grow(buf.out_k, sd);
+    grow(buf.out_v, sd);
+  }
+  grow(buf.scratch, std::max<size_t>(a.scratch, 1));  // a zero-size memory cannot be made
+  return buf;
+}
+
+struct AttnShape {
+  int64_t B, L, S, H, D;
+};
+
+ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, AttnShape* shape) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("onednn_attention: q, k, v must be (B, L, H, D)");
+  if (q.element_type() != k.element_type() || q.element_type() != v.element_type() ||
+      (q.element_type() != ffi::F32 && q.element_type() != ffi::BF16))
+    return ffi::Error::InvalidArgument("onednn_attention: q, k, v must all be float32 or all bfloat16");
+  for (int i : {0, 2, 3})
+    if (kd[i] != qd[i] || vd[i] != qd[i])
+      return ffi::Error::InvalidArgument("onednn_attention: q, k, v differ in batch, heads or head size");
+  if (kd[1] != vd[1]) return ffi::Error::InvalidArgument("onednn_attention: k and v lengths differ");
+  *shape = {qd[0], qd[1], kd[1], qd[2], qd[3]};
+  return ffi::Error::Success();
+}
+
+// Heads per unit: as many as keep a unit's logits within 256 KiB (one at L = S = 256), dividing
+// the B*H heads, while leaving at least 8 units to share between threads.
+int64_t HeadsPerUnit(const AttnShape& s) {
+  int64_t heads = s.B * s.H;
+  int64_t cap = std::max<int64_t>(1, std::min<int64_t>(65536 / std::max<int64_t>(s.L * s.S, 1), heads / 8));
+  int64_t G = 1;
+  for (int64_t g = 1; g <= cap; ++g)
+    if (heads % g == 0) G = g;
+  return G;
+}
+
+// Runs body(first head, buffers, stream, scratchpad) for each unit of G heads (flat b * H + h
+// indices), in parallel.
+template <typename Body>
+void ForEachUnit(const AttnPrims& a, const AttnShape& s, int64_t G, size_t elem, bool backward, Body body) {
+  int64_t units = s.B * s.H / G;
+  std::string error;
+#pragma omp parallel
+  {
+    try {
+      auto& eng = Engine();
+      dnnl::stream stream(eng);
+      ThreadBuffers& buf = Buffers(a, G, s.L, s.S, s.D, elem, backward);
+      int64_t bytes = static_cast<int64_t>(buf.scratch.size());
+      dnnl::memory scratch(dnnl::memory::desc({bytes}, dt::u8, dnnl::memory::format_tag::a), eng, buf.scratch.data());
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t u = 0; u < units; ++u) body(u * G, buf, stream, scratch);
+    } catch (const std::exception& e) {
+#pragma omp critical
+      error = e.what();
+    }
+  }
+  if (!error.empty()) throw std::runtime_error(error);
+}
+
+// Copies heads first..first+G-1 (flat b * H + h) of a (B, n, H, D) array into G dense (n, D)
+// blocks, or back.
+void Gather(const void* base, const AttnShape& s, int64_t n, int64_t first, int64_t G, size_t elem, char* dense) {
+  size_t row = s.D * elem, stride = s.H * s.D * elem;
+  for (int64_t g = 0; g < G; ++g) {
+    int64_t b = (first + g) / s.H, h = (first + g) % s.H;
+    const char* src = static_cast<const char*>(base) + ((b * n * s.H) + h) * s.D * elem;
+    char* dst = dense + g * n * row;
+    for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * row, src + i * stride, row);
+  }
+}
+
+void Scatter(const char* dense, const AttnShape& s, int64_t n, int64_t first, int64_t G, size_t elem, void* base) {
+  size_t row = s.D * elem, stride = s.H * s.D * elem;
+  for (int64_t g = 0; g < G; ++g) {
+    int64_t b = (first + g) / s.H, h = (first + g) % s.H;
+    char* dst = static_cast<char*>(base) + ((b * n * s.H) + h) * s.D * elem;
+    const char* src = dense + g * n * row;
+    for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * stride, src + i * row, row);
+  }
+}
+
+ffi::Error AttentionForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o) {
+  AttnShape s;
+  if (auto err = CheckAttention(q, k, v, &s); !err.success()) return err;
+  bool bf16 = q.element_type() == ffi::BF16;
+  size_t elem = bf16 ? 2 : 4;
+  try {
+    int64_t G = HeadsPerUnit(s);
+    const AttnPrims& a = AttentionPrimitives({G, s.L, s.S, s.D, bf16, false});
+    auto& eng = Engine();
+    ForEachUnit(a, s, G, elem, false, [&](int64_t first, ThreadBuffers& buf, dnnl::stream& stream, dnnl::memory& scratch) {
+      Gather(q.untyped_data(), s, s.L, first, G, elem, buf.q.data());
+      Gather(k.untyped_data(), s, s.S, first, G, elem, buf.k.data());
+      Gather(v.untyped_data(), s, s.S, first, G, elem, buf.v.data());
+      dnnl::memory qm(a.q, eng, buf.q.data()), km(a.k_t, eng, buf.k.data()), vm(a.v, eng, buf.v.data());
+      dnnl::memory om(a.o, eng, buf.out_q.data()), sm(a.s32, eng, buf.s32.data()), pm(a.p, eng, buf.p.data());
+      a.qk.execute(stream, {{DNNL_ARG_SRC, qm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, sm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      a.softmax.execute(stream, {{DNNL_ARG_SRC, sm}, {DNNL_ARG_DST, pm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      a.pv.execute(stream, {{DNNL_ARG_SRC, pm}, {DNNL_ARG_WEIGHTS, vm}, {DNNL_ARG_DST, om}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      Scatter(buf.out_q.data(), s, s.L, first, G, elem, o->untyped_data());
+    });
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("onednn_attention_fwd: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer d_o,
+                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                             ffi::Result<ffi::AnyBuffer> dv) {
+  AttnShape s;
+  if (auto err = CheckAttention(q, k, v, &s); !err.success()) return err;
+  if (d_o.element_type() != q.element_type() || d_o.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("onednn_attention_bwd: do must be like q");
+  bool bf16 = q.element_type() == ffi::BF16;
+  size_t elem = bf16 ? 2 : 4;
+  try {
+    int64_t G = HeadsPerUnit(s);
+    const AttnPrims& a = AttentionPrimitives({G, s.L, s.S, s.D, bf16, true});
+    auto& eng = Engine();
+    ForEachUnit(a, s, G, elem, true, [&](int64_t first, ThreadBuffers& buf, dnnl::stream& stream, dnnl::memory& scratch) {
+      Gather(q.untyped_data(), s, s.L, first, G, elem, buf.q.data());
+      Gather(k.untyped_data(), s, s.S, first, G, elem, buf.k.data());
+      Gather(v.untyped_data(), s, s.S, first, G, elem, buf.v.data());
+      Gather(d_o.untyped_data(), s, s.L, first, G, elem, buf.d_o.data());
+      dnnl::memory qm(a.q, eng, buf.q.data()), ktm(a.k_t, eng, buf.k.data()), km(a.k, eng, buf.k.data());
+      dnnl::memory vtm(a.v_t, eng, buf.v.data()), dom(a.o, eng, buf.d_o.data());
+      dnnl::memory dqm(a.q, eng, buf.out_q.data()), dkm(a.k, eng, buf.out_k.data()), dvm(a.v, eng, buf.out_v.data());
+      dnnl::memory p32(a.s32, eng, buf.s32.data()), dp32(a.s32, eng, buf.dp32.data());
+      // p in the compute dtype: a copy for bf16, the float32 probabilities themselves for f32.
+      void* p_data = bf16 ? static_cast<void*>(buf.p.data()) : static_cast<void*>(buf.s32.data());
+      dnnl::memory pm(a.p, eng, p_data), ptm(a.p_t, eng, p_data);
+      // ds reuses the compute-dtype p buffer: dv has consumed p by then (float32 dp and p32 are
+      // the softmax backward's inputs, so they cannot take it).
+      dnnl::memory dsm(a.p, eng, buf.p.data()), dstm(a.p_t, eng, buf.p.data());
+      a.qk.execute(stream, {{DNNL_ARG_SRC, qm}, {DNNL_ARG_WEIGHTS, ktm}, {DNNL_ARG_DST, p32}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      a.softmax.execute(stream, {{DNNL_ARG_SRC, p32}, {DNNL_ARG_DST, p32}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      if (bf16) a.to_dtype.execute(stream, {{DNNL_ARG_FROM, p32}, {DNNL_ARG_TO, pm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      a.dv.execute(stream, {{DNNL_ARG_SRC, ptm}, {DNNL_ARG_WEIGHTS, dom}, {DNNL_ARG_DST, dvm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      a.dp.execute(stream, {{DNNL_ARG_SRC, dom}, {DNNL_ARG_WEIGHTS, vtm}, {DNNL_ARG_DST, dp32}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      a.softmax_bwd.execute(stream, {{DNNL_ARG_DST, p32}, {DNNL_ARG_DIFF_DST, dp32}, {DNNL_ARG_DIFF_SRC, dsm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      a.dq.execute(stream, {{DNNL_ARG_SRC, dsm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, dqm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      a.dk.execute(stream, {{DNNL_ARG_SRC, dstm}, {DNNL_ARG_WEIGHTS, qm}, {DNNL_ARG_DST, dkm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      Scatter(buf.out_q.data(), s, s.L, first, G, elem, dq->untyped_data());
+      Scatter(buf.out_k.data(), s, s.S, first, G, elem, dk->untyped_data());
+      Scatter(buf.out_v.data(), s, s.S, first, G, elem, dv->untyped_data());
+    });
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("onednn_attention_bwd: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionFwd, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionBwd, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
