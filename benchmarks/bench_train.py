@@ -204,6 +204,8 @@ def measure_group(g: Group, args) -> list[Worker]:
     workers = []
     for impl in g.impls + g.extras:
         spec = {**g.spec, **impl.spec}
+        if "model" in impl.spec:  # a row's model overrides add to the config's
+            spec["model"] = {**g.spec.get("model", {}), **impl.spec["model"]}
         # A new worker is assumed to need as much as the largest one started so far.
         make_room(max((w.peak for w in workers), default=0.0) + 1.5 * GIB, workers)
         w = start_with_fallback(impl.label, spec, args) if args.gpu else start(impl.label, spec, args)
@@ -251,6 +253,9 @@ def train_impls(args) -> list[Impl]:
     if args.xla_dots:  # the same step without the oneDNN kernel (jax_mmdit.kernels.onednn)
         for prec in args.precisions:
             impls.append(Impl(f"jax {prec} xla-dots", {"kind": "jax_train", "precision": prec, "env": {"MMDIT_ONEDNN": "off"}}))
+    if args.attention_xla:  # attention as separate matmuls + XLA softmax, not the fused kernel
+        for prec in args.precisions:
+            impls.append(Impl(f"jax {prec} attention=xla", {"kind": "jax_train", "precision": prec, "model": {"attention": "xla"}}))
     if args.accum > 1:  # same maths, activations of batch/accum at a time
         for prec in args.precisions:
             impls.append(Impl(f"jax {prec} accum{args.accum}", {"kind": "jax_train", "precision": prec, "accum": args.accum}))
@@ -410,6 +415,8 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, help="also write raw results here")
     p.add_argument("--xla-dots", action="store_true",
                    help="also time jax rows with MMDIT_ONEDNN=off (XLA's own dots), alongside")
+    p.add_argument("--attention-xla", action="store_true",
+                   help="also time jax rows with attention='xla' (no fused attention kernel), alongside")
     p.add_argument("--allocator", choices=["jemalloc", "system"], default=None,
                    help="malloc of every worker, jax and torch alike (default: jemalloc where installed, "
                         "as `mmdit` runs on CPU; bench_allocator compares the two)")

@@ -9,8 +9,9 @@
   2.5x XLA in fp32 and bf16; fp32 dense matmuls 1.0-1.2x.
 - `attention_forward` / `attention_backward`: softmax attention fused per head (logits, softmax
   and both matmuls in cache; the backward recomputes the probabilities), on (B, L, H, D) operands
-  so no transposes surround it. DiT-S/2 b32 shapes, forward+backward: bf16 41 -> 19 ms, fp32 68
-  -> 40 ms against the same attention as separate oneDNN matmuls and XLA softmax.
+  so no transposes surround it. DiT-S/2 b32 shapes, forward+backward: bf16 34 -> 18 ms, fp32 69
+  -> 41 ms against the same attention as separate oneDNN matmuls and XLA softmax
+  (`python -m benchmarks.bench_attention`).
 
 The kernels are `onednn_kernels.cc`, built with the system C++ compiler against Debian's
 libdnnl-dev (`make setup` installs it) into a cache directory, once per source/jaxlib version.
