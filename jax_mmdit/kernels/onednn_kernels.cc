@@ -10,16 +10,14 @@
 // Operands: a (..., M, K) or, with transpose_a, (..., K, M); b (K, N) or (N, K) with transpose_b,
 // or with the same leading (batch) dims as a. Both float32 or both bfloat16. Result (..., M, N) f32.
 // Transposes are strides in oneDNN's memory descriptors: no copies.
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <stdexcept>
-#include <string>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <vector>
 
