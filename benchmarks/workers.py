@@ -82,7 +82,7 @@ def serve(step, sync, info: dict) -> None:
             sync(out)
             emit({"seconds": time.perf_counter() - t0, "n": cmd["n"], "rss": rss_bytes(), "peak_rss": peak_rss_bytes()})
         elif cmd["op"] == "quit":
-            emit({"peak_rss": peak_rss_bytes(), "idle_rss": rss_bytes()})
+            emit({"peak_rss": peak_rss_bytes()})
             return
 
 

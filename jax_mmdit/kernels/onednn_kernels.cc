@@ -300,98 +300,96 @@ void ForEachUnit(const AttnPrims& a, const AttnShape& s, int64_t G, size_t elem,
   if (!error.empty()) throw std::runtime_error(error);
 }
 
-// Copies heads first..first+G-1 (flat b * H + h) of a (B, n, H, D) array into G dense (n, D)
-// blocks, or back.
-void Gather(const void* base, const AttnShape& s, int64_t n, int64_t first, int64_t G, size_t elem, char* dense) {
+// Copies heads first..first+G-1 (flat b * H + h) of a (B, n, H, D) array to G dense (n, D) blocks
+// (to_dense), or back.
+void CopyHeads(void* strided, const AttnShape& s, int64_t n, int64_t first, int64_t G, size_t elem, char* dense,
+               bool to_dense) {
   size_t row = s.D * elem, stride = s.H * s.D * elem;
   for (int64_t g = 0; g < G; ++g) {
     int64_t b = (first + g) / s.H, h = (first + g) % s.H;
-    const char* src = static_cast<const char*>(base) + ((b * n * s.H) + h) * s.D * elem;
-    char* dst = dense + g * n * row;
-    for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * row, src + i * stride, row);
+    char* head = static_cast<char*>(strided) + ((b * n * s.H) + h) * s.D * elem;
+    char* block = dense + g * n * row;
+    for (int64_t i = 0; i < n; ++i) {
+      if (to_dense) std::memcpy(block + i * row, head + i * stride, row);
+      else std::memcpy(head + i * stride, block + i * row, row);
+    }
   }
 }
 
-void Scatter(const char* dense, const AttnShape& s, int64_t n, int64_t first, int64_t G, size_t elem, void* base) {
-  size_t row = s.D * elem, stride = s.H * s.D * elem;
-  for (int64_t g = 0; g < G; ++g) {
-    int64_t b = (first + g) / s.H, h = (first + g) % s.H;
-    char* dst = static_cast<char*>(base) + ((b * n * s.H) + h) * s.D * elem;
-    const char* src = dense + g * n * row;
-    for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * stride, src + i * row, row);
-  }
-}
-
-ffi::Error AttentionForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o) {
+// What the forward and backward handlers share: checks, primitives, the parallel loop over units,
+// copying each unit's q, k, v into its dense buffers, and turning exceptions into FFI errors.
+// body(a, G, first, buffers, stream, scratchpad) does the rest of a unit.
+template <typename Body>
+ffi::Error RunAttention(const char* name, bool backward, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                        Body body) {
   AttnShape s;
   if (auto err = CheckAttention(q, k, v, &s); !err.success()) return err;
   bool bf16 = q.element_type() == ffi::BF16;
   size_t elem = bf16 ? 2 : 4;
   try {
     int64_t G = HeadsPerUnit(s);
-    const AttnPrims& a = AttentionPrimitives({G, s.L, s.S, s.D, bf16, false});
-    auto& eng = Engine();
-    ForEachUnit(a, s, G, elem, false, [&](int64_t first, ThreadBuffers& buf, dnnl::stream& stream, dnnl::memory& scratch) {
-      Gather(q.untyped_data(), s, s.L, first, G, elem, buf.q.data());
-      Gather(k.untyped_data(), s, s.S, first, G, elem, buf.k.data());
-      Gather(v.untyped_data(), s, s.S, first, G, elem, buf.v.data());
-      dnnl::memory qm(a.q, eng, buf.q.data()), km(a.k_t, eng, buf.k.data()), vm(a.v, eng, buf.v.data());
-      dnnl::memory om(a.o, eng, buf.out_q.data()), sm(a.s32, eng, buf.s32.data()), pm(a.p, eng, buf.p.data());
-      a.qk.execute(stream, {{DNNL_ARG_SRC, qm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, sm}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      a.softmax.execute(stream, {{DNNL_ARG_SRC, sm}, {DNNL_ARG_DST, pm}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      a.pv.execute(stream, {{DNNL_ARG_SRC, pm}, {DNNL_ARG_WEIGHTS, vm}, {DNNL_ARG_DST, om}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      Scatter(buf.out_q.data(), s, s.L, first, G, elem, o->untyped_data());
+    const AttnPrims& a = AttentionPrimitives({G, s.L, s.S, s.D, bf16, backward});
+    ForEachUnit(a, s, G, elem, backward, [&](int64_t first, ThreadBuffers& buf, dnnl::stream& stream, dnnl::memory& scratch) {
+      CopyHeads(q.untyped_data(), s, s.L, first, G, elem, buf.q.data(), true);
+      CopyHeads(k.untyped_data(), s, s.S, first, G, elem, buf.k.data(), true);
+      CopyHeads(v.untyped_data(), s, s.S, first, G, elem, buf.v.data(), true);
+      body(a, s, G, first, buf, stream, scratch);
     });
   } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("onednn_attention_fwd: ") + e.what());
+    return ffi::Error::Internal(std::string(name) + ": " + e.what());
   }
   return ffi::Error::Success();
+}
+
+ffi::Error AttentionForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o) {
+  size_t elem = q.element_type() == ffi::BF16 ? 2 : 4;
+  auto& eng = Engine();
+  return RunAttention("onednn_attention_fwd", false, q, k, v,
+      [&](const AttnPrims& a, const AttnShape& s, int64_t G, int64_t first, ThreadBuffers& buf, dnnl::stream& stream,
+          dnnl::memory& scratch) {
+    dnnl::memory qm(a.q, eng, buf.q.data()), km(a.k_t, eng, buf.k.data()), vm(a.v, eng, buf.v.data());
+    dnnl::memory om(a.o, eng, buf.out_q.data()), sm(a.s32, eng, buf.s32.data()), pm(a.p, eng, buf.p.data());
+    a.qk.execute(stream, {{DNNL_ARG_SRC, qm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, sm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    a.softmax.execute(stream, {{DNNL_ARG_SRC, sm}, {DNNL_ARG_DST, pm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    a.pv.execute(stream, {{DNNL_ARG_SRC, pm}, {DNNL_ARG_WEIGHTS, vm}, {DNNL_ARG_DST, om}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    CopyHeads(o->untyped_data(), s, s.L, first, G, elem, buf.out_q.data(), false);
+  });
 }
 
 ffi::Error AttentionBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer d_o,
                              ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                              ffi::Result<ffi::AnyBuffer> dv) {
-  AttnShape s;
-  if (auto err = CheckAttention(q, k, v, &s); !err.success()) return err;
   if (d_o.element_type() != q.element_type() || d_o.dimensions().size() != 4)
     return ffi::Error::InvalidArgument("onednn_attention_bwd: do must be like q");
   bool bf16 = q.element_type() == ffi::BF16;
   size_t elem = bf16 ? 2 : 4;
-  try {
-    int64_t G = HeadsPerUnit(s);
-    const AttnPrims& a = AttentionPrimitives({G, s.L, s.S, s.D, bf16, true});
-    auto& eng = Engine();
-    ForEachUnit(a, s, G, elem, true, [&](int64_t first, ThreadBuffers& buf, dnnl::stream& stream, dnnl::memory& scratch) {
-      Gather(q.untyped_data(), s, s.L, first, G, elem, buf.q.data());
-      Gather(k.untyped_data(), s, s.S, first, G, elem, buf.k.data());
-      Gather(v.untyped_data(), s, s.S, first, G, elem, buf.v.data());
-      Gather(d_o.untyped_data(), s, s.L, first, G, elem, buf.d_o.data());
-      dnnl::memory qm(a.q, eng, buf.q.data()), ktm(a.k_t, eng, buf.k.data()), km(a.k, eng, buf.k.data());
-      dnnl::memory vtm(a.v_t, eng, buf.v.data()), dom(a.o, eng, buf.d_o.data());
-      dnnl::memory dqm(a.q, eng, buf.out_q.data()), dkm(a.k, eng, buf.out_k.data()), dvm(a.v, eng, buf.out_v.data());
-      dnnl::memory p32(a.s32, eng, buf.s32.data()), dp32(a.s32, eng, buf.dp32.data());
-      // p in the compute dtype: a copy for bf16, the float32 probabilities themselves for f32.
-      void* p_data = bf16 ? static_cast<void*>(buf.p.data()) : static_cast<void*>(buf.s32.data());
-      dnnl::memory pm(a.p, eng, p_data), ptm(a.p_t, eng, p_data);
-      // ds reuses the compute-dtype p buffer: dv has consumed p by then (float32 dp and p32 are
-      // the softmax backward's inputs, so they cannot take it).
-      dnnl::memory dsm(a.p, eng, buf.p.data()), dstm(a.p_t, eng, buf.p.data());
-      a.qk.execute(stream, {{DNNL_ARG_SRC, qm}, {DNNL_ARG_WEIGHTS, ktm}, {DNNL_ARG_DST, p32}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      a.softmax.execute(stream, {{DNNL_ARG_SRC, p32}, {DNNL_ARG_DST, p32}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      if (bf16) a.to_dtype.execute(stream, {{DNNL_ARG_FROM, p32}, {DNNL_ARG_TO, pm}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      a.dv.execute(stream, {{DNNL_ARG_SRC, ptm}, {DNNL_ARG_WEIGHTS, dom}, {DNNL_ARG_DST, dvm}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      a.dp.execute(stream, {{DNNL_ARG_SRC, dom}, {DNNL_ARG_WEIGHTS, vtm}, {DNNL_ARG_DST, dp32}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      a.softmax_bwd.execute(stream, {{DNNL_ARG_DST, p32}, {DNNL_ARG_DIFF_DST, dp32}, {DNNL_ARG_DIFF_SRC, dsm}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      a.dq.execute(stream, {{DNNL_ARG_SRC, dsm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, dqm}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      a.dk.execute(stream, {{DNNL_ARG_SRC, dstm}, {DNNL_ARG_WEIGHTS, qm}, {DNNL_ARG_DST, dkm}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      Scatter(buf.out_q.data(), s, s.L, first, G, elem, dq->untyped_data());
-      Scatter(buf.out_k.data(), s, s.S, first, G, elem, dk->untyped_data());
-      Scatter(buf.out_v.data(), s, s.S, first, G, elem, dv->untyped_data());
-    });
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("onednn_attention_bwd: ") + e.what());
-  }
-  return ffi::Error::Success();
+  auto& eng = Engine();
+  return RunAttention("onednn_attention_bwd", true, q, k, v,
+      [&](const AttnPrims& a, const AttnShape& s, int64_t G, int64_t first, ThreadBuffers& buf, dnnl::stream& stream,
+          dnnl::memory& scratch) {
+    CopyHeads(d_o.untyped_data(), s, s.L, first, G, elem, buf.d_o.data(), true);
+    dnnl::memory qm(a.q, eng, buf.q.data()), ktm(a.k_t, eng, buf.k.data()), km(a.k, eng, buf.k.data());
+    dnnl::memory vtm(a.v_t, eng, buf.v.data()), dom(a.o, eng, buf.d_o.data());
+    dnnl::memory dqm(a.q, eng, buf.out_q.data()), dkm(a.k, eng, buf.out_k.data()), dvm(a.v, eng, buf.out_v.data());
+    dnnl::memory p32(a.s32, eng, buf.s32.data()), dp32(a.s32, eng, buf.dp32.data());
+    // p in the compute dtype: a copy for bf16, the float32 probabilities themselves for f32.
+    void* p_data = bf16 ? static_cast<void*>(buf.p.data()) : static_cast<void*>(buf.s32.data());
+    dnnl::memory pm(a.p, eng, p_data), ptm(a.p_t, eng, p_data);
+    // ds reuses the compute-dtype p buffer: dv has consumed p by then (float32 dp and p32 are
+    // the softmax backward's inputs, so they cannot take it).
+    dnnl::memory dsm(a.p, eng, buf.p.data()), dstm(a.p_t, eng, buf.p.data());
+    a.qk.execute(stream, {{DNNL_ARG_SRC, qm}, {DNNL_ARG_WEIGHTS, ktm}, {DNNL_ARG_DST, p32}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    a.softmax.execute(stream, {{DNNL_ARG_SRC, p32}, {DNNL_ARG_DST, p32}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (bf16) a.to_dtype.execute(stream, {{DNNL_ARG_FROM, p32}, {DNNL_ARG_TO, pm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    a.dv.execute(stream, {{DNNL_ARG_SRC, ptm}, {DNNL_ARG_WEIGHTS, dom}, {DNNL_ARG_DST, dvm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    a.dp.execute(stream, {{DNNL_ARG_SRC, dom}, {DNNL_ARG_WEIGHTS, vtm}, {DNNL_ARG_DST, dp32}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    a.softmax_bwd.execute(stream, {{DNNL_ARG_DST, p32}, {DNNL_ARG_DIFF_DST, dp32}, {DNNL_ARG_DIFF_SRC, dsm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    a.dq.execute(stream, {{DNNL_ARG_SRC, dsm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, dqm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    a.dk.execute(stream, {{DNNL_ARG_SRC, dstm}, {DNNL_ARG_WEIGHTS, qm}, {DNNL_ARG_DST, dkm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    CopyHeads(dq->untyped_data(), s, s.L, first, G, elem, buf.out_q.data(), false);
+    CopyHeads(dk->untyped_data(), s, s.S, first, G, elem, buf.out_k.data(), false);
+    CopyHeads(dv->untyped_data(), s, s.S, first, G, elem, buf.out_v.data(), false);
+  });
 }
 
 }  // namespace
