@@ -7,6 +7,9 @@
   runs bf16 on AMX. Measured on the 2-core Xeon (jemalloc, `a @ b` at DiT-S/2 b32 shapes): bf16
   weight gradient 1100-1400 GFLOP/s against 210-220 for XLA's transposed dot; attention's q @ k^T
   2.5x XLA in fp32 and bf16; fp32 dense matmuls 1.0-1.2x.
+- `linear`, `linear_gelu` / `gelu_backward`: linear layers with the bias in the call and the result
+  in the operands' dtype (bf16 activations between layers), and the MLP's first layer with its GELU
+  (see onednn_kernels.cc for why and what it saves).
 - `attention_forward` / `attention_backward`: softmax attention fused per head (logits, softmax
   and both matmuls in cache; the backward recomputes the probabilities), on (B, L, H, D) operands
   so no transposes surround it. DiT-S/2 b32 shapes, forward+backward: bf16 34 -> 18 ms, fp32 69
@@ -42,6 +45,9 @@ SOURCE = Path(__file__).with_name("onednn_kernels.cc")
 TARGET = "mmdit_onednn_matmul"
 ATTENTION_FWD = "mmdit_onednn_attention_fwd"
 ATTENTION_BWD = "mmdit_onednn_attention_bwd"
+LINEAR = "mmdit_onednn_linear"
+LINEAR_GELU = "mmdit_onednn_linear_gelu"
+GELU_BWD = "mmdit_onednn_gelu_bwd"
 
 
 def _mode() -> str:
@@ -97,7 +103,9 @@ def _load() -> str | None:
     except (RuntimeError, OSError) as e:
         return str(e)
     for target, symbol in ((TARGET, lib.MmditOnednnMatmul), (ATTENTION_FWD, lib.MmditOnednnAttentionFwd),
-                           (ATTENTION_BWD, lib.MmditOnednnAttentionBwd)):
+                           (ATTENTION_BWD, lib.MmditOnednnAttentionBwd), (LINEAR, lib.MmditOnednnLinear),
+                           (LINEAR_GELU, lib.MmditOnednnLinearGelu),
+                           (GELU_BWD, lib.MmditOnednnGeluBwd)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return None
 
@@ -168,6 +176,35 @@ def attention_backward(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) 
     return jax.ffi.ffi_call(ATTENTION_BWD, out, vmap_method="sequential")(q, k, v, do)
 
 
+def _check_linear(name: str, x: jax.Array, w: jax.Array, b: jax.Array) -> jax.ShapeDtypeStruct:
+    if x.dtype != w.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise TypeError(f"onednn.{name} takes float32 or bfloat16 x and w of one dtype, got {x.dtype}, {w.dtype}")
+    if x.ndim != 2 or w.ndim != 2 or b.shape != (w.shape[1],) or x.shape[1] != w.shape[0]:
+        raise ValueError(f"onednn.{name} wants x (M, K), w (K, N), b (N,); got {x.shape}, {w.shape}, {b.shape}")
+    return jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """x @ w + b in x's dtype: x (M, K) and w (K, N) both float32 or both bfloat16, b (N,) float32
+    (accumulation is float32; bf16 results are rounded once, at the end)."""
+    out = _check_linear("linear", x, w, b)
+    return jax.ffi.ffi_call(LINEAR, out, vmap_method="sequential")(x, w, b.astype(jnp.float32))
+
+
+def linear_gelu(x: jax.Array, w: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(z, GELU_tanh(z)) for z = `linear`(x, w, b), both in x's dtype, from one call."""
+    out = _check_linear("linear_gelu", x, w, b)
+    return jax.ffi.ffi_call(LINEAR_GELU, (out, out), vmap_method="sequential")(x, w, b.astype(jnp.float32))
+
+
+def gelu_backward(z: jax.Array, g: jax.Array) -> jax.Array:
+    """GELU_tanh'(z) * g in z's dtype (float32 or bfloat16; g alike)."""
+    if z.shape != g.shape or z.dtype != g.dtype or z.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"onednn.gelu_backward wants z and g of one shape and dtype (float32/bfloat16); got "
+                         f"{z.shape} {z.dtype}, {g.shape} {g.dtype}")
+    return jax.ffi.ffi_call(GELU_BWD, jax.ShapeDtypeStruct(z.shape, z.dtype), vmap_method="sequential")(z, g)
+
+
 # Output shape, then the first operand's shape: inline in the call, or (compiled HLO) in the
 # operand layout constraints.
 _OUT = re.compile(r"=\s*f32\[([\d,]*)\]\S*\s+custom-call\(")
@@ -187,17 +224,22 @@ def hlo_flops(hlo_text: str) -> float:
     see _ATTENTION_FLOPS, from q (B, L, H, D) and k (B, S, H, D)."""
     total = 0.0
     for line in hlo_text.splitlines():
-        target = next((t for t in (TARGET, *_ATTENTION_FLOPS) if f'custom_call_target="{t}"' in line), None)
+        target = next((t for t in (TARGET, LINEAR, LINEAR_GELU, *_ATTENTION_FLOPS) if f'custom_call_target="{t}"' in line), None)
         if target is None:
             continue
-        if target in _ATTENTION_FLOPS:
-            # The first two shapes listed in the operand layout constraints are q's and k's.
+        if target != TARGET:
+            # The first two shapes in the operand layout constraints: q's and k's, or x's and w's.
             _, _, operands = line.partition("operand_layout_constraints={")
             shapes = [[int(d) for d in m.group(1).split(",") if d] for m in _SHAPE.finditer(operands)][:2]
-            if len(shapes) < 2 or len(shapes[0]) != 4 or len(shapes[1]) != 4:
+            rank = 2 if target in (LINEAR, LINEAR_GELU) else 4
+            if len(shapes) < 2 or len(shapes[0]) != rank or len(shapes[1]) != rank:
                 raise ValueError(f"unparsed {target} call in HLO: {line.strip()[:200]}")
-            (B, L, H, D), S = shapes[0], shapes[1][1]
-            total += _ATTENTION_FLOPS[target] * B * H * L * S * D
+            if target in (LINEAR, LINEAR_GELU):
+                (M, K), N = shapes[0], shapes[1][1]
+                total += 2.0 * M * K * N  # the GELU's few FLOPs per element are not matmul FLOPs
+            else:
+                (B, L, H, D), S = shapes[0], shapes[1][1]
+                total += _ATTENTION_FLOPS[target] * B * H * L * S * D
             continue
         m_out, m_a = _OUT.search(line), _A.search(line)
         if m_out is None or m_a is None:

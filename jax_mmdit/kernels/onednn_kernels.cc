@@ -1,5 +1,6 @@
-// XLA:CPU custom calls on oneDNN: a (batched) matmul with float32 result, and fused attention
-// forward and backward.
+// XLA:CPU custom calls on oneDNN: a (batched) matmul with float32 result, fused attention forward
+// and backward, linear layers (bias fused, result in the operands' dtype) and the MLP's linear + GELU
+// with its GELU backward.
 //
 // Matmul.
 //
@@ -33,6 +34,19 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+// Primitive creation dispatches over oneDNN's implementations (tens of microseconds); a train step
+// calls the same few shapes hundreds of times, so primitives are kept per shape. One cache per call
+// site (make's lambda type is part of the instantiation).
+template <typename Key, typename Value, typename Make>
+const Value& Cached(const Key& key, Make make) {
+  static std::mutex mutex;
+  static std::map<Key, Value> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  return cache.emplace(key, make()).first->second;
+}
+
 // batch, M, K, N, transpose_a, transpose_b, b_batched, bf16
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, bool, bool>;
 
@@ -44,26 +58,21 @@ dnnl::memory::desc OperandDesc(int64_t batch, int64_t rows, int64_t cols, bool t
   return dnnl::memory::desc({batched ? batch : 1, rows, cols}, dt, strides);
 }
 
-// Primitive creation dispatches over oneDNN's implementations (tens of microseconds); a train step
-// calls the same few shapes hundreds of times, so primitives are kept per shape.
 struct Entry {
   dnnl::matmul::primitive_desc pd;
   dnnl::matmul prim;
 };
 
 const Entry& Primitive(const Key& key) {
-  static std::mutex mutex;
-  static std::map<Key, Entry> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  auto [batch, M, K, N, ta, tb, b_batched, bf16] = key;
-  auto dt = bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
-  auto a_md = OperandDesc(batch, M, K, ta, true, dt);
-  auto b_md = OperandDesc(batch, K, N, tb, b_batched, dt);
-  dnnl::memory::desc c_md({batch, M, N}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::abc);
-  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), Engine());
-  return cache.emplace(key, Entry{pd, dnnl::matmul(pd)}).first->second;
+  return Cached<Key, Entry>(key, [&] {
+    auto [batch, M, K, N, ta, tb, b_batched, bf16] = key;
+    auto dt = bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
+    auto a_md = OperandDesc(batch, M, K, ta, true, dt);
+    auto b_md = OperandDesc(batch, K, N, tb, b_batched, dt);
+    dnnl::memory::desc c_md({batch, M, N}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::abc);
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), Engine());
+    return Entry{pd, dnnl::matmul(pd)};
+  });
 }
 
 ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ffi::F32>> out,
@@ -152,12 +161,7 @@ void Track(AttnPrims& a, const PD& pd) {
   a.scratch = std::max(a.scratch, pd.scratchpad_desc().get_size());
 }
 
-const AttnPrims& AttentionPrimitives(const AttnKey& key) {
-  static std::mutex mutex;
-  static std::map<AttnKey, AttnPrims> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
+AttnPrims MakeAttentionPrimitives(const AttnKey& key) {
   auto [G, L, S, D, bf16, backward] = key;
   dt type = bf16 ? dt::bf16 : dt::f32;
   float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -213,7 +217,11 @@ const AttnPrims& AttentionPrimitives(const AttnKey& key) {
     mm(a.dq, a.p, a.k, a.q, scale);     // ds (L, S) x (S, D)
     mm(a.dk, a.p_t, a.q, a.k, scale);   // ds^T (S, L) x (L, D)
   }
-  return cache.emplace(key, std::move(a)).first->second;
+  return a;
+}
+
+const AttnPrims& AttentionPrimitives(const AttnKey& key) {
+  return Cached<AttnKey, AttnPrims>(key, [&] { return MakeAttentionPrimitives(key); });
 }
 
 // Per-thread buffers: the logits/probabilities in float32, dp, the probabilities (then ds) in the
@@ -392,7 +400,125 @@ ffi::Error AttentionBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer 
   });
 }
 
+// ---- linear, linear + GELU -------------------------------------------------------------------
+// z = x w + b in x's dtype (x (M, K), w (K, N), both float32 or both bfloat16; b (N) float32), the
+// bias riding in the matmul: in bf16 the activations between layers are bf16 (as under PyTorch
+// autocast and on GPUs), so no float32 copy of every layer output is written, converted and
+// carried into the backward. The MLP's first layer also returns a = GELU_tanh(z) from oneDNN's JIT
+// eltwise (~3x XLA:CPU's tanh loop on AVX-512) and keeps only z for the backward, which recomputes
+// GELU'(z): XLA's autodiff of the same function keeps a float32 tanh(.) besides a float32 z.
+
+// M, K, N, bf16
+using LinearKey = std::tuple<int64_t, int64_t, int64_t, bool>;
+
+struct LinearPrims {
+  dnnl::matmul::primitive_desc pd;
+  dnnl::matmul mm;
+  dnnl::eltwise_forward gelu;
+};
+
+dnnl::eltwise_forward::primitive_desc GeluForwardDesc(int64_t n, dt type) {
+  dnnl::memory::desc md({n}, type, dnnl::memory::format_tag::a);
+  return dnnl::eltwise_forward::primitive_desc(
+      dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_training, dnnl::algorithm::eltwise_gelu_tanh, md, 0.f, 0.f),
+      Engine());
+}
+
+const LinearPrims& LinearPrimitives(const LinearKey& key) {
+  return Cached<LinearKey, LinearPrims>(key, [&] {
+    auto [M, K, N, bf16] = key;
+    dt type = bf16 ? dt::bf16 : dt::f32;
+    dnnl::memory::desc x({M, K}, type, dnnl::memory::format_tag::ab), w({K, N}, type, dnnl::memory::format_tag::ab);
+    dnnl::memory::desc b({1, N}, dt::f32, dnnl::memory::format_tag::ab), z({M, N}, type, dnnl::memory::format_tag::ab);
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(x, w, b, z), Engine());
+    return LinearPrims{pd, dnnl::matmul(pd), dnnl::eltwise_forward(GeluForwardDesc(M * N, type))};
+  });
+}
+
+// z = x w + b, then a = GELU(z) when a is given.
+ffi::Error RunLinear(const char* name, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, void* z, void* a) {
+  auto xd = x.dimensions(), wd = w.dimensions(), bd = b.dimensions();
+  if (x.element_type() != w.element_type() || (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16))
+    return ffi::Error::InvalidArgument(std::string(name) + ": x and w must both be float32 or bfloat16");
+  if (xd.size() != 2 || wd.size() != 2 || bd.size() != 1 || xd[1] != wd[0] || bd[0] != wd[1])
+    return ffi::Error::InvalidArgument(std::string(name) + ": wants x (M, K), w (K, N), b (N)");
+  try {
+    auto& eng = Engine();
+    const LinearPrims& p = LinearPrimitives({xd[0], xd[1], wd[1], x.element_type() == ffi::BF16});
+    dnnl::memory xm(p.pd.src_desc(), eng, x.untyped_data()), wm(p.pd.weights_desc(), eng, w.untyped_data());
+    dnnl::memory bm(p.pd.bias_desc(), eng, b.typed_data()), zm(p.pd.dst_desc(), eng, z);
+    dnnl::stream stream(eng);
+    p.mm.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_BIAS, bm}, {DNNL_ARG_DST, zm}});
+    if (a != nullptr) {
+      // An elementwise op needs no shape: z seen flat.
+      dnnl::memory::desc flat({xd[0] * wd[1]}, p.pd.dst_desc().data_type(), dnnl::memory::format_tag::a);
+      dnnl::memory zflat(flat, eng, z), aflat(flat, eng, a);
+      p.gelu.execute(stream, {{DNNL_ARG_SRC, zflat}, {DNNL_ARG_DST, aflat}});
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string(name) + ": " + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Linear(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi::Result<ffi::AnyBuffer> z) {
+  return RunLinear("onednn_linear", x, w, b, z->untyped_data(), nullptr);
+}
+
+ffi::Error LinearGelu(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b, ffi::Result<ffi::AnyBuffer> z,
+                      ffi::Result<ffi::AnyBuffer> a) {
+  return RunLinear("onednn_linear_gelu", x, w, b, z->untyped_data(), a->untyped_data());
+}
+
+// dz = GELU_tanh'(z) * g, all of one dtype (float32 or bfloat16), any shape.
+ffi::Error GeluBackward(ffi::AnyBuffer z, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dz) {
+  if (z.element_type() != g.element_type() || (z.element_type() != ffi::F32 && z.element_type() != ffi::BF16) ||
+      z.element_count() != g.element_count())
+    return ffi::Error::InvalidArgument("onednn_gelu_bwd: z and g must have one shape and dtype, float32 or bfloat16");
+  try {
+    auto& eng = Engine();
+    int64_t n = static_cast<int64_t>(z.element_count());
+    bool bf16 = z.element_type() == ffi::BF16;
+    const auto& prim = Cached<std::pair<int64_t, bool>, dnnl::eltwise_backward>({n, bf16}, [&] {
+      auto fwd = GeluForwardDesc(n, bf16 ? dt::bf16 : dt::f32);
+      auto md = fwd.src_desc();
+      return dnnl::eltwise_backward(dnnl::eltwise_backward::primitive_desc(
+          dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_gelu_tanh, md, md, 0.f, 0.f), eng, fwd));
+    });
+    dnnl::memory::desc md({n}, bf16 ? dt::bf16 : dt::f32, dnnl::memory::format_tag::a);
+    dnnl::memory zm(md, eng, z.untyped_data()), gm(md, eng, g.untyped_data()), dzm(md, eng, dz->untyped_data());
+    dnnl::stream stream(eng);
+    prim.execute(stream, {{DNNL_ARG_SRC, zm}, {DNNL_ARG_DIFF_DST, gm}, {DNNL_ARG_DIFF_SRC, dzm}});
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn_gelu_bwd: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnLinear, Linear,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnLinearGelu, LinearGelu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnGeluBwd, GeluBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnMatmul, Matmul,
                               ffi::Ffi::Bind()

@@ -6,7 +6,8 @@ Conventions (kept in one place so both models and the converters agree):
 - Parameters are float32; `dtype` is the compute dtype of matmul operands (see `matmul`).
   LayerNorm/RMSNorm statistics, adaLN modulation, softmax and the residual stream stay float32:
   a bf16 residual stream would lose precision summed over 28 blocks, and elementwise ops are cheap.
-  On CPU, matmuls also return float32, so everything elementwise runs in float32 there.
+  Linear layers return the compute dtype (bf16 activations between layers), except on CPU without
+  the oneDNN kernels, where XLA's matmuls return float32 (see `matmul`).
 - Modulation chunks come out in the DiT order (shift, scale, gate, ...). Sinusoids use the DiT/SD3
   convention: cos first, frequencies exp(-ln(10000) * i / half) for i in [0, half).
 """
@@ -89,43 +90,71 @@ def _bf16_matmul_bwd(res, g_MxN):
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
+def _onednn_dense_grads(x_MxK, w_KxN, dz_MxN):
+    # dx = dz w^T and dW = x^T dz with the transposes as strides, so the weight gradient needs
+    # neither XLA's fp32 fallback nor `_materialised_transpose`'s copy.
+    dx_MxK = onednn.matmul(dz_MxN, w_KxN, transpose_b=True)
+    dw_KxN = onednn.matmul(x_MxK, dz_MxN, transpose_a=True)  # float32, for the fp32 master weights
+    db_N = jnp.sum(dz_MxN, axis=0, dtype=jnp.float32)
+    return dx_MxK.astype(x_MxK.dtype), dw_KxN, db_N
+
+
 @jax.custom_vjp
-def _onednn_matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
-    """x @ (w cast to x's dtype) -> float32 on oneDNN (CPU; see `jax_mmdit.kernels.onednn`), forward
-    and backward: dx = g @ w^T and dW = x^T @ g are oneDNN calls with transposes as strides, so the
-    weight gradient needs neither XLA's fp32 fallback nor `_materialised_transpose`'s copy."""
-    return onednn.matmul(x_MxK, w_KxN.astype(x_MxK.dtype))
+def _onednn_dense(x_MxK: jax.Array, w_KxN: jax.Array, b_N: jax.Array) -> jax.Array:
+    """x @ (w cast to x's dtype) + b -> x's dtype on oneDNN (CPU; see `jax_mmdit.kernels.onednn`),
+    forward and backward."""
+    return onednn.linear(x_MxK, w_KxN.astype(x_MxK.dtype), b_N)
 
 
-def _onednn_matmul_fwd(x_MxK, w_KxN):
+def _onednn_dense_fwd(x_MxK, w_KxN, b_N):
     w_KxN = w_KxN.astype(x_MxK.dtype)
-    return onednn.matmul(x_MxK, w_KxN), (x_MxK, w_KxN)
+    return onednn.linear(x_MxK, w_KxN, b_N), (x_MxK, w_KxN)
 
 
-def _onednn_matmul_bwd(res, g_MxN):
+def _onednn_dense_bwd(res, g_MxN):
     x_MxK, w_KxN = res
-    g_MxN = g_MxN.astype(x_MxK.dtype)
-    dx_MxK = onednn.matmul(g_MxN, w_KxN, transpose_b=True)
-    dw_KxN = onednn.matmul(x_MxK, g_MxN, transpose_a=True)  # float32, for the fp32 master weights
-    return dx_MxK.astype(x_MxK.dtype), dw_KxN
+    return _onednn_dense_grads(x_MxK, w_KxN, g_MxN.astype(x_MxK.dtype))
 
 
-_onednn_matmul.defvjp(_onednn_matmul_fwd, _onednn_matmul_bwd)
+_onednn_dense.defvjp(_onednn_dense_fwd, _onednn_dense_bwd)
+
+
+@jax.custom_vjp
+def _onednn_dense_gelu(x_MxK: jax.Array, w_KxN: jax.Array, b_N: jax.Array) -> jax.Array:
+    """GELU_tanh(x @ w + b) in x's dtype on oneDNN: one call for the matmul, bias and GELU; the
+    backward recomputes GELU' from z = x @ w + b, the only residual besides the operands."""
+    return onednn.linear_gelu(x_MxK, w_KxN.astype(x_MxK.dtype), b_N)[1]
+
+
+def _onednn_dense_gelu_fwd(x_MxK, w_KxN, b_N):
+    w_KxN = w_KxN.astype(x_MxK.dtype)
+    z_MxN, a_MxN = onednn.linear_gelu(x_MxK, w_KxN, b_N)
+    return a_MxN, (x_MxK, w_KxN, z_MxN)
+
+
+def _onednn_dense_gelu_bwd(res, g_MxN):
+    x_MxK, w_KxN, z_MxN = res
+    return _onednn_dense_grads(x_MxK, w_KxN, onednn.gelu_backward(z_MxN, g_MxN.astype(z_MxN.dtype)))
+
+
+_onednn_dense_gelu.defvjp(_onednn_dense_gelu_fwd, _onednn_dense_gelu_bwd)
+
+
+def _use_onednn(dtype: Dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and onednn.enabled()  # CPU only
 
 
 def matmul(x_MxK: jax.Array, w_KxN: jax.Array, dtype: Dtype) -> jax.Array:
     """x @ w with operands in compute dtype `dtype` and float32 accumulation; w is the float32 kernel.
+    The XLA path of `dense` (CPU runs with the oneDNN kernels take `_onednn_dense` instead).
 
     Off CPU: operands cast to `dtype`, result in `dtype` (the usual mixed precision; GPUs fuse the
     elementwise ops that follow and keep bf16 activations, half the memory). float32 elsewhere: a
     plain dot. On CPU the result is float32: XLA:CPU computes bf16 elementwise ops in fp32 anyway
     but splits a bf16 chain (bias + GELU + cast) into one pass per op, measured 8% slower per DiT
-    block. float32 and bf16 run on oneDNN where it is available (`_onednn_matmul`), else bf16
-    takes `_bf16_matmul`; fp16 asks for fp16 results, the one fp16 dot XLA:CPU supports under
-    every matmul precision (it computes it in fp32 internally)."""
+    block. bf16 takes `_bf16_matmul`; fp16 asks for fp16 results, the one fp16 dot XLA:CPU supports
+    under every matmul precision (it computes it in fp32 internally)."""
     dt = jnp.dtype(dtype)
-    if dt in (jnp.float32, jnp.bfloat16) and onednn.enabled():  # CPU only
-        return _onednn_matmul(x_MxK.astype(dt), w_KxN)
     if dt == jnp.float32:
         return jnp.dot(x_MxK.astype(jnp.float32), w_KxN)
     x_MxK = x_MxK.astype(dt)
@@ -134,6 +163,25 @@ def matmul(x_MxK: jax.Array, w_KxN: jax.Array, dtype: Dtype) -> jax.Array:
     if dt == jnp.bfloat16:
         return _bf16_matmul(x_MxK, w_KxN)
     return jnp.dot(x_MxK, w_KxN.astype(dt), preferred_element_type=dt).astype(jnp.float32)
+
+
+def dense(x_MxK: jax.Array, w_KxN: jax.Array, b_N: jax.Array, dtype: Dtype) -> jax.Array:
+    """x @ w + b with operands in compute dtype `dtype` (w, b the float32 parameters). On CPU with
+    the oneDNN kernels: one call with the bias inside, result in `dtype` (bf16 activations between
+    layers, as under PyTorch autocast); elsewhere `matmul` + bias."""
+    if _use_onednn(dtype):
+        return _onednn_dense(x_MxK.astype(dtype), w_KxN, b_N)
+    y = matmul(x_MxK, w_KxN, dtype)
+    return y + b_N.astype(y.dtype)
+
+
+def dense_gelu(x_MxK: jax.Array, w_KxN: jax.Array, b_N: jax.Array, dtype: Dtype) -> jax.Array:
+    """GELU_tanh(`dense`(x, w, b)). On CPU with the oneDNN kernels: one call, in `dtype` (bf16
+    rounds x @ w + b before the GELU, as autocast does), and no float32 tanh kept for the backward;
+    elsewhere `dense` then `jax.nn.gelu`."""
+    if _use_onednn(dtype):
+        return _onednn_dense_gelu(x_MxK.astype(dtype), w_KxN, b_N)
+    return jax.nn.gelu(dense(x_MxK, w_KxN, b_N, dtype), approximate=True)
 
 
 class Dense(nnx.Module):
@@ -148,8 +196,7 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         lead, K = x.shape[:-1], x.shape[-1]
-        y = matmul(x.reshape(-1, K), self.kernel[...], self.dtype)
-        return (y + self.bias[...].astype(y.dtype)).reshape(*lead, -1)
+        return dense(x.reshape(-1, K), self.kernel[...], self.bias[...], self.dtype).reshape(*lead, -1)
 
 
 def linear(in_dim: int, out_dim: int, dtype: Dtype, rngs: nnx.Rngs, init=_xavier) -> Dense:
@@ -467,10 +514,7 @@ class Mlp(nnx.Module):
         self.fc2 = linear(inner, hidden, dtype, rngs)
 
     def __call__(self, h_NxD: jax.Array) -> jax.Array:
-        a = self.fc1(h_NxD)
         if self.kind == "swiglu":
-            gate, value = jnp.split(a, 2, axis=-1)
-            a = jax.nn.silu(gate) * value
-        else:
-            a = jax.nn.gelu(a, approximate=True)
-        return self.fc2(a)
+            gate, value = jnp.split(self.fc1(h_NxD), 2, axis=-1)
+            return self.fc2(jax.nn.silu(gate) * value)
+        return self.fc2(dense_gelu(h_NxD, self.fc1.kernel[...], self.fc1.bias[...], self.fc1.dtype))
