@@ -1,10 +1,12 @@
-"""oneDNN custom calls (matmul, fused attention): parity with XLA and float64 references,
+"""oneDNN custom calls (matmul, linear layers, fused attention): parity with XLA and float64 references,
 gradients, FLOP counting, fallback.
 
 The suite runs on 8 fake CPU devices, where MMDIT_ONEDNN's default ("auto") stays off; these
 tests switch it on explicitly (single-device jits) and fail if the kernel cannot be built: CI
 installs g++ and libdnnl-dev through `make setup`.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,10 @@ def test_matmul_matches_xla_dot(use_onednn, dtype, a_shape, b_shape, ta, tb):
     assert got.dtype == jnp.float32 and got.shape == want.shape
     # bf16 products are exact in f32; only the summation order differs.
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+    if dtype == jnp.bfloat16:  # a bf16 result is the float32 one, rounded once
+        got16 = jax.jit(functools.partial(onednn.matmul, transpose_a=ta, transpose_b=tb, out_dtype=dtype))(a, b)
+        assert got16.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got16, np.float32), np.asarray(got.astype(jnp.bfloat16), np.float32))
 
 
 def test_matmul_rejects_bad_operands(use_onednn):
@@ -55,6 +61,8 @@ def test_matmul_rejects_bad_operands(use_onednn):
         onednn.matmul(jnp.zeros((4, 3)), jnp.zeros((4, 5)))
     with pytest.raises(TypeError, match="float32 or two bfloat16"):
         onednn.matmul(jnp.zeros((4, 3)), jnp.zeros((3, 5), jnp.bfloat16))
+    with pytest.raises(TypeError, match="returns float32 or the operands' dtype"):
+        onednn.matmul(jnp.zeros((4, 3)), jnp.zeros((3, 5)), out_dtype=jnp.bfloat16)
 
 
 def _dense_and_attention_grads(dtype, mode, monkeypatch):
@@ -239,10 +247,11 @@ def test_custom_calls_are_counted_in_flops(monkeypatch):
         assert all((t in text) == (mode == "on") for t in (onednn.TARGET, onednn.LINEAR, onednn.LINEAR_GELU))
         kernel_flops = onednn.hlo_flops(text)
     # 6 dense matmuls (64x48x40) + 6 attention matmuls (2x16 heads of 3x3x8), x2 FLOPs: exactly the
-    # kernels' count. XLA also counts softmax's and the GELU's elementwise work, which the kernels'
-    # counts leave out (7% of these tiny matmuls' FLOPs), and in the "on" program the rest.
+    # kernels' count, plus the two bias gradients' ones-row matmuls (1x64x40). XLA also counts
+    # softmax's and the GELU's elementwise work, which the kernels' counts leave out (7% of these
+    # tiny matmuls' FLOPs), and in the "on" program the rest.
     matmul_flops = 2 * (6 * 64 * 48 * 40 + 6 * 2 * 16 * 3 * 3 * 8)
-    assert kernel_flops == matmul_flops
+    assert kernel_flops == matmul_flops + 2 * (2 * 64 * 40)
     assert counts["off"] > matmul_flops and counts["on"] > matmul_flops
     assert counts["on"] == pytest.approx(counts["off"], rel=0.1)
 

@@ -136,17 +136,21 @@ def _warn_once(reason: str) -> None:
     )
 
 
-def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
-    """op(a) @ op(b) -> float32, op transposing the last two axes when asked (a stride, no copy).
-    a: (..., M, K); b: (K, N) or batched like a. Both float32 or both bfloat16."""
+def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False,
+           out_dtype=jnp.float32) -> jax.Array:
+    """op(a) @ op(b), op transposing the last two axes when asked (a stride, no copy).
+    a: (..., M, K); b: (K, N) or batched like a. Both float32 or both bfloat16. The result is
+    float32 (`out_dtype`), or the operands' dtype, rounded once from float32 accumulators."""
     if a.dtype != b.dtype or a.dtype not in (jnp.float32, jnp.bfloat16):
         raise TypeError(f"onednn.matmul takes two float32 or two bfloat16 operands, got {a.dtype}, {b.dtype}")
+    if jnp.dtype(out_dtype) not in (jnp.float32, a.dtype):
+        raise TypeError(f"onednn.matmul returns float32 or the operands' dtype {a.dtype}, not {out_dtype}")
     M = a.shape[-1] if transpose_a else a.shape[-2]
     K = a.shape[-2] if transpose_a else a.shape[-1]
     Kb, N = (b.shape[-1], b.shape[-2]) if transpose_b else (b.shape[-2], b.shape[-1])
     if K != Kb or (b.ndim != 2 and b.shape[:-2] != a.shape[:-2]):
         raise ValueError(f"onednn.matmul: cannot multiply {a.shape} (T={transpose_a}) by {b.shape} (T={transpose_b})")
-    out = jax.ShapeDtypeStruct((*a.shape[:-2], M, N), jnp.float32)
+    out = jax.ShapeDtypeStruct((*a.shape[:-2], M, N), out_dtype)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
         a, b, transpose_a=transpose_a, transpose_b=transpose_b
     )
@@ -207,7 +211,7 @@ def gelu_backward(z: jax.Array, g: jax.Array) -> jax.Array:
 
 # Output shape, then the first operand's shape: inline in the call, or (compiled HLO) in the
 # operand layout constraints.
-_OUT = re.compile(r"=\s*f32\[([\d,]*)\]\S*\s+custom-call\(")
+_OUT = re.compile(r"=\s*b?f(?:16|32)\[([\d,]*)\]\S*\s+custom-call\(")
 _A = re.compile(r"(?:custom-call\(|operand_layout_constraints=\{)\s*\w+\[([\d,]*)\]")
 
 

@@ -1,4 +1,4 @@
-// XLA:CPU custom calls on oneDNN: a (batched) matmul with float32 result, fused attention forward
+// XLA:CPU custom calls on oneDNN: a (batched) matmul, fused attention forward
 // and backward, linear layers (bias fused, result in the operands' dtype) and the MLP's linear + GELU
 // with its GELU backward.
 //
@@ -9,7 +9,8 @@
 // AMX (avx512_core_amx_bf16) at 1000-2000 GFLOP/s on a 2-core Xeon, in every layout.
 //
 // Operands: a (..., M, K) or, with transpose_a, (..., K, M); b (K, N) or (N, K) with transpose_b,
-// or with the same leading (batch) dims as a. Both float32 or both bfloat16. Result (..., M, N) f32.
+// or with the same leading (batch) dims as a. Both float32 or both bfloat16. Result (..., M, N)
+// float32, or bfloat16 for bfloat16 operands (rounded once from float32 accumulators).
 // Transposes are strides in oneDNN's memory descriptors: no copies.
 #include <algorithm>
 #include <cmath>
@@ -47,8 +48,8 @@ const Value& Cached(const Key& key, Make make) {
   return cache.emplace(key, make()).first->second;
 }
 
-// batch, M, K, N, transpose_a, transpose_b, b_batched, bf16
-using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, bool, bool>;
+// batch, M, K, N, transpose_a, transpose_b, b_batched, bf16 operands, bf16 result
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, bool, bool, bool>;
 
 dnnl::memory::desc OperandDesc(int64_t batch, int64_t rows, int64_t cols, bool transposed,
                                bool batched, dnnl::memory::data_type dt) {
@@ -65,23 +66,26 @@ struct Entry {
 
 const Entry& Primitive(const Key& key) {
   return Cached<Key, Entry>(key, [&] {
-    auto [batch, M, K, N, ta, tb, b_batched, bf16] = key;
+    auto [batch, M, K, N, ta, tb, b_batched, bf16, out_bf16] = key;
     auto dt = bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
     auto a_md = OperandDesc(batch, M, K, ta, true, dt);
     auto b_md = OperandDesc(batch, K, N, tb, b_batched, dt);
-    dnnl::memory::desc c_md({batch, M, N}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::abc);
+    auto c_dt = out_bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
+    dnnl::memory::desc c_md({batch, M, N}, c_dt, dnnl::memory::format_tag::abc);
     dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), Engine());
     return Entry{pd, dnnl::matmul(pd)};
   });
 }
 
-ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ffi::F32>> out,
-                  bool transpose_a, bool transpose_b) {
+ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, bool transpose_a,
+                  bool transpose_b) {
   auto a_dims = a.dimensions();
   auto b_dims = b.dimensions();
   if (a.element_type() != b.element_type() ||
       (a.element_type() != ffi::F32 && a.element_type() != ffi::BF16))
     return ffi::Error::InvalidArgument("onednn_matmul: operands must both be float32 or bfloat16");
+  if (out->element_type() != ffi::F32 && out->element_type() != a.element_type())
+    return ffi::Error::InvalidArgument("onednn_matmul: the result must be float32 or the operands' dtype");
   size_t rank = a_dims.size();
   if (rank < 2 || (b_dims.size() != 2 && b_dims.size() != rank))
     return ffi::Error::InvalidArgument("onednn_matmul: a must be (..., M, K), b (K, N) or batched like a");
@@ -95,12 +99,13 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ff
   if (K != Kb) return ffi::Error::InvalidArgument("onednn_matmul: contraction sizes differ");
   bool b_batched = br == rank && rank > 2;
   try {
-    Key key{batch, M, K, N, transpose_a, transpose_b, b_batched, a.element_type() == ffi::BF16};
+    Key key{batch, M, K, N, transpose_a, transpose_b, b_batched, a.element_type() == ffi::BF16,
+            out->element_type() == ffi::BF16};
     const Entry& entry = Primitive(key);
     const auto& pd = entry.pd;
     dnnl::memory a_mem(pd.src_desc(), Engine(), a.untyped_data());
     dnnl::memory b_mem(pd.weights_desc(), Engine(), b.untyped_data());
-    dnnl::memory c_mem(pd.dst_desc(), Engine(), out->typed_data());
+    dnnl::memory c_mem(pd.dst_desc(), Engine(), out->untyped_data());
     dnnl::stream stream(Engine());
     entry.prim.execute(stream, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
     stream.wait();
@@ -524,7 +529,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnMatmul, Matmul,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
 
