@@ -186,7 +186,7 @@ def dense_gelu(x_MxK: jax.Array, w_KxN: jax.Array, b_N: jax.Array, dtype: Dtype)
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel + bias over the last axis, computed by `matmul`. Parameters (float32) have
+    """y = x @ kernel + bias over the last axis, computed by `dense`. Parameters (float32) have
     nnx.Linear's names, shapes and initialisation order, so converters, sharding and checkpoints
     see the same tree."""
 
