@@ -311,3 +311,17 @@ def test_train_steps_on_onednn_match_xla(tmp_path, monkeypatch, precision):
         assert (onednn.TARGET in text) == (onednn.ATTENTION_BWD in text) == (mode == "on")
     assert len(set(np.round(losses["off"], 6))) == 3  # the loss moves, so parameters were updated
     np.testing.assert_allclose(losses["on"], losses["off"], rtol=1e-3 if precision == "bf16" else 1e-5)
+
+
+def test_concurrent_calls_of_one_primitive_do_not_share_a_scratchpad(use_onednn):
+    # XLA:CPU runs independent thunks concurrently: here 12 same-shape matmuls (like every block's
+    # adaLN modulation), i.e. one cached oneDNN primitive executed from two threads at once. With
+    # oneDNN's library-managed scratchpad they shared one buffer and, now and then, corrupted each
+    # other's results (the default config's fp32 training diverged).
+    xs = _rand((12, 128, 192), jnp.float32, 20)
+    ws = _rand((12, 192, 1152), jnp.float32, 21)
+    f = jax.jit(lambda xs, ws: [onednn.matmul(xs[i], ws[i]) for i in range(12)])
+    want = np.einsum("imk,ikn->imn", np.asarray(xs, np.float64), np.asarray(ws, np.float64))
+    for _ in range(20):
+        got = np.stack([np.asarray(r) for r in f(xs, ws)])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)

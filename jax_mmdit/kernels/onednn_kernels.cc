@@ -48,6 +48,27 @@ const Value& Cached(const Key& key, Make make) {
   return cache.emplace(key, make()).first->second;
 }
 
+// Every primitive takes its scratchpad from the caller. With oneDNN's default (library-managed)
+// scratchpad a primitive owns one buffer, and XLA runs independent thunks concurrently: two calls
+// of one cached primitive (same shape, e.g. every block's adaLN modulation) then shared it and
+// corrupted each other's results, now and then; in fp32 the default config's training diverged
+// (loss 1.41 after an epoch against 0.265 on XLA's dots).
+dnnl::primitive_attr UserScratchpad(float scale = 1.0f) {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  if (scale != 1.0f) attr.set_output_scales(0, {scale});
+  return attr;
+}
+
+// A scratchpad of `bytes` for one call on this thread (the calls of one handler run in order).
+dnnl::memory ThreadScratchpad(size_t bytes) {
+  thread_local std::vector<char> buf;
+  if (buf.size() < std::max<size_t>(bytes, 1)) buf.resize(std::max<size_t>(bytes, 1));
+  return dnnl::memory(dnnl::memory::desc({static_cast<int64_t>(buf.size())}, dnnl::memory::data_type::u8,
+                                         dnnl::memory::format_tag::a),
+                      Engine(), buf.data());
+}
+
 // batch, M, K, N, transpose_a, transpose_b, b_batched, bf16 operands, bf16 result
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, bool, bool, bool>;
 
@@ -72,7 +93,7 @@ const Entry& Primitive(const Key& key) {
     auto b_md = OperandDesc(batch, K, N, tb, b_batched, dt);
     auto c_dt = out_bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
     dnnl::memory::desc c_md({batch, M, N}, c_dt, dnnl::memory::format_tag::abc);
-    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), Engine());
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), UserScratchpad(), Engine());
     return Entry{pd, dnnl::matmul(pd)};
   });
 }
@@ -107,7 +128,9 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer
     dnnl::memory b_mem(pd.weights_desc(), Engine(), b.untyped_data());
     dnnl::memory c_mem(pd.dst_desc(), Engine(), out->untyped_data());
     dnnl::stream stream(Engine());
-    entry.prim.execute(stream, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
+    dnnl::memory scratch = ThreadScratchpad(pd.scratchpad_desc().get_size());
+    entry.prim.execute(stream, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem},
+                                {DNNL_ARG_SCRATCHPAD, scratch}});
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn_matmul: ") + e.what());
@@ -140,12 +163,6 @@ dnnl::memory::desc Blocks(int64_t G, int64_t rows, int64_t cols, dt type, int64_
   return dnnl::memory::desc({G, rows, cols}, type, Dims{rows * cols, row_stride, col_stride});
 }
 
-dnnl::primitive_attr UserScratchpad(float scale = 1.0f) {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  if (scale != 1.0f) attr.set_output_scales(0, {scale});
-  return attr;
-}
 
 struct AttnPrims {
   // One head's operands, dense in per-thread buffers: oneDNN 2.6 runs bf16 matmuls on AMX
@@ -420,13 +437,14 @@ struct LinearPrims {
   dnnl::matmul::primitive_desc pd;
   dnnl::matmul mm;
   dnnl::eltwise_forward gelu;
+  size_t gelu_scratch;
 };
 
 dnnl::eltwise_forward::primitive_desc GeluForwardDesc(int64_t n, dt type) {
   dnnl::memory::desc md({n}, type, dnnl::memory::format_tag::a);
   return dnnl::eltwise_forward::primitive_desc(
       dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_training, dnnl::algorithm::eltwise_gelu_tanh, md, 0.f, 0.f),
-      Engine());
+      UserScratchpad(), Engine());
 }
 
 const LinearPrims& LinearPrimitives(const LinearKey& key) {
@@ -435,8 +453,9 @@ const LinearPrims& LinearPrimitives(const LinearKey& key) {
     dt type = bf16 ? dt::bf16 : dt::f32;
     dnnl::memory::desc x({M, K}, type, dnnl::memory::format_tag::ab), w({K, N}, type, dnnl::memory::format_tag::ab);
     dnnl::memory::desc b({1, N}, dt::f32, dnnl::memory::format_tag::ab), z({M, N}, type, dnnl::memory::format_tag::ab);
-    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(x, w, b, z), Engine());
-    return LinearPrims{pd, dnnl::matmul(pd), dnnl::eltwise_forward(GeluForwardDesc(M * N, type))};
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(x, w, b, z), UserScratchpad(), Engine());
+    auto gelu_pd = GeluForwardDesc(M * N, type);
+    return LinearPrims{pd, dnnl::matmul(pd), dnnl::eltwise_forward(gelu_pd), gelu_pd.scratchpad_desc().get_size()};
   });
 }
 
@@ -453,12 +472,14 @@ ffi::Error RunLinear(const char* name, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::
     dnnl::memory xm(p.pd.src_desc(), eng, x.untyped_data()), wm(p.pd.weights_desc(), eng, w.untyped_data());
     dnnl::memory bm(p.pd.bias_desc(), eng, b.typed_data()), zm(p.pd.dst_desc(), eng, z);
     dnnl::stream stream(eng);
-    p.mm.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_BIAS, bm}, {DNNL_ARG_DST, zm}});
+    dnnl::memory scratch = ThreadScratchpad(std::max(p.pd.scratchpad_desc().get_size(), p.gelu_scratch));
+    p.mm.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_BIAS, bm}, {DNNL_ARG_DST, zm},
+                          {DNNL_ARG_SCRATCHPAD, scratch}});
     if (a != nullptr) {
       // An elementwise op needs no shape: z seen flat.
       dnnl::memory::desc flat({xd[0] * wd[1]}, p.pd.dst_desc().data_type(), dnnl::memory::format_tag::a);
       dnnl::memory zflat(flat, eng, z), aflat(flat, eng, a);
-      p.gelu.execute(stream, {{DNNL_ARG_SRC, zflat}, {DNNL_ARG_DST, aflat}});
+      p.gelu.execute(stream, {{DNNL_ARG_SRC, zflat}, {DNNL_ARG_DST, aflat}, {DNNL_ARG_SCRATCHPAD, scratch}});
     }
     stream.wait();
   } catch (const dnnl::error& e) {
@@ -485,16 +506,19 @@ ffi::Error GeluBackward(ffi::AnyBuffer z, ffi::AnyBuffer g, ffi::Result<ffi::Any
     auto& eng = Engine();
     int64_t n = static_cast<int64_t>(z.element_count());
     bool bf16 = z.element_type() == ffi::BF16;
-    const auto& prim = Cached<std::pair<int64_t, bool>, dnnl::eltwise_backward>({n, bf16}, [&] {
+    const auto& pd = Cached<std::pair<int64_t, bool>, dnnl::eltwise_backward::primitive_desc>({n, bf16}, [&] {
       auto fwd = GeluForwardDesc(n, bf16 ? dt::bf16 : dt::f32);
       auto md = fwd.src_desc();
-      return dnnl::eltwise_backward(dnnl::eltwise_backward::primitive_desc(
-          dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_gelu_tanh, md, md, 0.f, 0.f), eng, fwd));
+      return dnnl::eltwise_backward::primitive_desc(
+          dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_gelu_tanh, md, md, 0.f, 0.f), UserScratchpad(), eng, fwd);
     });
+    // Creating the primitive from its cached descriptor is cheap next to a pass over n values.
+    dnnl::eltwise_backward prim(pd);
     dnnl::memory::desc md({n}, bf16 ? dt::bf16 : dt::f32, dnnl::memory::format_tag::a);
     dnnl::memory zm(md, eng, z.untyped_data()), gm(md, eng, g.untyped_data()), dzm(md, eng, dz->untyped_data());
     dnnl::stream stream(eng);
-    prim.execute(stream, {{DNNL_ARG_SRC, zm}, {DNNL_ARG_DIFF_DST, gm}, {DNNL_ARG_DIFF_SRC, dzm}});
+    prim.execute(stream, {{DNNL_ARG_SRC, zm}, {DNNL_ARG_DIFF_DST, gm}, {DNNL_ARG_DIFF_SRC, dzm},
+                          {DNNL_ARG_SCRATCHPAD, ThreadScratchpad(pd.scratchpad_desc().get_size())}});
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn_gelu_bwd: ") + e.what());
