@@ -506,14 +506,14 @@ ffi::Error GeluBackward(ffi::AnyBuffer z, ffi::AnyBuffer g, ffi::Result<ffi::Any
     auto& eng = Engine();
     int64_t n = static_cast<int64_t>(z.element_count());
     bool bf16 = z.element_type() == ffi::BF16;
-    const auto& pd = Cached<std::pair<int64_t, bool>, dnnl::eltwise_backward::primitive_desc>({n, bf16}, [&] {
+    using Bwd = std::pair<dnnl::eltwise_backward::primitive_desc, dnnl::eltwise_backward>;
+    const auto& [pd, prim] = Cached<std::pair<int64_t, bool>, Bwd>({n, bf16}, [&] {
       auto fwd = GeluForwardDesc(n, bf16 ? dt::bf16 : dt::f32);
       auto md = fwd.src_desc();
-      return dnnl::eltwise_backward::primitive_desc(
+      dnnl::eltwise_backward::primitive_desc bpd(
           dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_gelu_tanh, md, md, 0.f, 0.f), UserScratchpad(), eng, fwd);
+      return Bwd{bpd, dnnl::eltwise_backward(bpd)};
     });
-    // Creating the primitive from its cached descriptor is cheap next to a pass over n values.
-    dnnl::eltwise_backward prim(pd);
     dnnl::memory::desc md({n}, bf16 ? dt::bf16 : dt::f32, dnnl::memory::format_tag::a);
     dnnl::memory zm(md, eng, z.untyped_data()), gm(md, eng, g.untyped_data()), dzm(md, eng, dz->untyped_data());
     dnnl::stream stream(eng);
