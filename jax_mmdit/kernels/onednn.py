@@ -1,6 +1,7 @@
 """oneDNN kernels inside XLA:CPU programs: XLA FFI custom calls, compiled on first use.
 
-- `matmul`: every fp32/bf16 dense and attention matmul of single-device CPU runs. Why: XLA:CPU
+- `matmul`: the dense layers' gradients and the attention matmuls of single-device CPU runs (the dense
+  forward is `linear`, below). Why: XLA:CPU
   gives bf16 dots AMX-class speed only in two operand layouts (weight gradients and half of
   attention's backward are upcast to fp32 Eigen dots, ~200 GFLOP/s), and its batched attention
   matmuls reach 100-180 GFLOP/s. oneDNN's matmul primitive takes every layout through strides and
