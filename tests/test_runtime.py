@@ -67,3 +67,30 @@ def test_entry_points_restart_with_jemalloc_and_reuse_freed_memory():
     assert not system["jemalloc"] and system["faults"] > 10_000, system
     gpu, _ = _run(use, {"JAX_PLATFORMS": "cuda"})
     assert not gpu["jemalloc"]
+
+
+# A ~0.1-0.3 s program: when the call returns, is its result already there (inline dispatch, which
+# frees the program's temporaries before it returns) or still being computed (async dispatch)?
+_DISPATCH_PROBE = """
+import json
+from jax_mmdit import runtime
+runtime.configure()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jax.lax.fori_loop(0, 40, lambda i, y: jnp.tanh(y @ x), x))
+x = jnp.full((768, 768), 1e-3, jnp.float32)
+jax.block_until_ready(f(x))
+y = f(x)
+print(json.dumps({"ready_on_return": y.is_ready()}))
+"""
+
+
+def test_configure_turns_off_async_cpu_dispatch_unless_asked():
+    def ready_on_return(env_extra: dict) -> bool:
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MMDIT_CPU_ASYNC_DISPATCH")}
+        out = subprocess.run([sys.executable, "-c", _DISPATCH_PROBE], env={**env, "JAX_PLATFORMS": "cpu", **env_extra},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-500:]
+        return json.loads(out.stdout.strip().splitlines()[-1])["ready_on_return"]
+
+    assert ready_on_return({})
+    assert not ready_on_return({"MMDIT_CPU_ASYNC_DISPATCH": "1"})

@@ -101,6 +101,9 @@ class Trainer:
         # `mmdit` preloads on CPU) keeps that doubled high-water mark: DiT-S/2 bf16 at batch 128
         # was OOM-killed at 24 GB, 14.6 GB with one step in flight (b32: 8.3 -> 5.2 GB), at the
         # same step time. On CPU the host threads are the device, so the overlap bought nothing.
+        # Waiting for the previous loss is not quite enough: XLA's async path frees a program's
+        # temporaries just after its outputs are ready, so `runtime.configure` (called by `mmdit`
+        # and train.py) also makes CPU dispatch inline; with that, this wait is a no-op.
         self._one_step_in_flight = all(d.platform == "cpu" for d in self.mesh.devices.flat)
         self._in_flight = None
         self.flops_per_step = None
