@@ -141,6 +141,43 @@ def test_linear_kernels_reject_bad_operands(use_onednn):
         onednn.gelu_backward(jnp.zeros((4, 5)), jnp.zeros((4, 5), jnp.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_adaln_kernels_match_float64_and_the_xla_path(use_onednn, dtype):
+    # D not a multiple of the vector width, an odd batch over two threads, rows off zero mean.
+    B, L, D = 3, 5, 37
+    x = _rand((B, L, D), jnp.float32, 20) * 2.0 + 3.0
+    shift, scale = _rand((B, D), jnp.float32, 21), _rand((B, D), jnp.float32, 22) * 0.5
+    dh = _rand((B, L, D), dtype, 23)
+    h, vjp = jax.vjp(lambda *a: layers.ln_modulate(*a, dtype), x, shift, scale)
+    assert h.dtype == dtype
+    assert onednn.ADALN_FWD in jax.jit(lambda *a: layers.ln_modulate(*a, dtype)).lower(x, shift, scale).as_text()
+    grads = vjp(dh)
+
+    x64, sh64, sc64 = (np.asarray(a, np.float64) for a in (x, shift, scale))
+    xhat = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + layers.NORM_EPS)
+    h64 = xhat * (1 + sc64[:, None]) + sh64[:, None]
+    tol = 8e-3 if dtype == jnp.bfloat16 else 1e-5  # bf16: h rounded once (2^-8 relative)
+    assert np.abs(np.asarray(h, np.float64) - h64).max() / np.abs(h64).max() < tol
+
+    # Gradients against XLA's autodiff of the reference formula (same dh, float32).
+    _, vjp_xla = jax.vjp(lambda x, sh, sc: (layers.layer_norm(x) * (1 + sc[:, None]) + sh[:, None]).astype(dtype),
+                         x, shift, scale)
+    for name, got, want in zip(("dx", "dshift", "dscale"), grads, vjp_xla(dh)):
+        assert got.dtype == jnp.float32
+        err = np.abs(np.asarray(got) - np.asarray(want)).max() / np.abs(np.asarray(want)).max()
+        assert err < 1e-5, (name, err)
+
+
+def test_adaln_kernels_reject_bad_operands(use_onednn):
+    x, s = jnp.zeros((2, 3, 4)), jnp.zeros((2, 4))
+    with pytest.raises(ValueError, match=r"x \(B, L, D\) and scale \(B, D\)"):
+        onednn.adaln_forward(x, s, jnp.zeros((3, 4)), jnp.float32, 1e-6)
+    with pytest.raises(TypeError, match="float32 x"):
+        onednn.adaln_forward(x.astype(jnp.bfloat16), s, s, jnp.float32, 1e-6)
+    with pytest.raises(ValueError, match="dh must be like x"):
+        onednn.adaln_backward(x, s, jnp.zeros((2, 3, 5)), 1e-6)
+
+
 def _attention_reference(q, k, v):
     """float64 softmax attention on (B, L, H, D) inputs."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))

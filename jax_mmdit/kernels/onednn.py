@@ -39,6 +39,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ENV = "MMDIT_ONEDNN"
 CACHE_ENV = "MMDIT_CACHE_DIR"
@@ -49,6 +50,8 @@ ATTENTION_BWD = "mmdit_onednn_attention_bwd"
 LINEAR = "mmdit_onednn_linear"
 LINEAR_GELU = "mmdit_onednn_linear_gelu"
 GELU_BWD = "mmdit_onednn_gelu_bwd"
+ADALN_FWD = "mmdit_adaln_fwd"
+ADALN_BWD = "mmdit_adaln_bwd"
 
 
 def _mode() -> str:
@@ -106,7 +109,8 @@ def _load() -> str | None:
     for target, symbol in ((TARGET, lib.MmditOnednnMatmul), (ATTENTION_FWD, lib.MmditOnednnAttentionFwd),
                            (ATTENTION_BWD, lib.MmditOnednnAttentionBwd), (LINEAR, lib.MmditOnednnLinear),
                            (LINEAR_GELU, lib.MmditOnednnLinearGelu),
-                           (GELU_BWD, lib.MmditOnednnGeluBwd)):
+                           (GELU_BWD, lib.MmditOnednnGeluBwd), (ADALN_FWD, lib.MmditAdaLnFwd),
+                           (ADALN_BWD, lib.MmditAdaLnBwd)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return None
 
@@ -208,6 +212,36 @@ def gelu_backward(z: jax.Array, g: jax.Array) -> jax.Array:
         raise ValueError(f"onednn.gelu_backward wants z and g of one shape and dtype (float32/bfloat16); got "
                          f"{z.shape} {z.dtype}, {g.shape} {g.dtype}")
     return jax.ffi.ffi_call(GELU_BWD, jax.ShapeDtypeStruct(z.shape, z.dtype), vmap_method="sequential")(z, g)
+
+
+def _check_adaln(name: str, x: jax.Array, scale: jax.Array) -> None:
+    if x.dtype != jnp.float32 or scale.dtype != jnp.float32:
+        raise TypeError(f"onednn.{name} takes float32 x and scale, got {x.dtype}, {scale.dtype}")
+    if x.ndim != 3 or scale.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"onednn.{name} wants x (B, L, D) and scale (B, D); got {x.shape}, {scale.shape}")
+
+
+def adaln_forward(x: jax.Array, shift: jax.Array, scale: jax.Array, out_dtype, eps: float) -> jax.Array:
+    """LayerNorm(x) * (1 + scale) + shift in `out_dtype` (float32 or bfloat16; computed in float32),
+    for x (B, L, D) and per-sample shift, scale (B, D), all float32. One pass over x."""
+    _check_adaln("adaln_forward", x, scale)
+    if shift.shape != scale.shape or shift.dtype != jnp.float32:
+        raise ValueError(f"onednn.adaln_forward: shift must be like scale {scale.shape} float32, got {shift.shape} {shift.dtype}")
+    if jnp.dtype(out_dtype) not in (jnp.float32, jnp.bfloat16):
+        raise TypeError(f"onednn.adaln_forward returns float32 or bfloat16, not {out_dtype}")
+    out = jax.ShapeDtypeStruct(x.shape, out_dtype)
+    return jax.ffi.ffi_call(ADALN_FWD, out, vmap_method="sequential")(x, shift, scale, eps=np.float32(eps))
+
+
+def adaln_backward(x: jax.Array, scale: jax.Array, dh: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dx, dshift, dscale) of `adaln_forward` for the cotangent dh (like x, float32 or bfloat16),
+    all float32; recomputes the row statistics from x."""
+    _check_adaln("adaln_backward", x, scale)
+    if dh.shape != x.shape or dh.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"onednn.adaln_backward: dh must be like x {x.shape} (float32/bfloat16), got {dh.shape} {dh.dtype}")
+    out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(scale.shape, jnp.float32),
+           jax.ShapeDtypeStruct(scale.shape, jnp.float32))
+    return jax.ffi.ffi_call(ADALN_BWD, out, vmap_method="sequential")(x, scale, dh, eps=np.float32(eps))
 
 
 # Output shape, then the first operand's shape: inline in the call, or (compiled HLO) in the

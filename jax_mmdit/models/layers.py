@@ -214,9 +214,33 @@ def layer_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
 
 
 def ln_modulate(x_BxLxD: jax.Array, shift_BxD: jax.Array, scale_BxD: jax.Array, dtype: Dtype) -> jax.Array:
-    """adaLN: LayerNorm(x) * (1 + scale) + shift, computed in fp32, returned in compute dtype."""
+    """adaLN: LayerNorm(x) * (1 + scale) + shift, computed in fp32, returned in compute dtype.
+    On CPU with the kernels: one pass forward and one backward (`_kernel_ln_modulate`)."""
+    if _use_onednn(dtype):
+        f32 = jnp.float32
+        return _kernel_ln_modulate(x_BxLxD.astype(f32), shift_BxD.astype(f32), scale_BxD.astype(f32), jnp.dtype(dtype))
     h = layer_norm(x_BxLxD) * (1.0 + scale_BxD[:, None, :]) + shift_BxD[:, None, :]
     return h.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_ln_modulate(x_BxLxD: jax.Array, shift_BxD: jax.Array, scale_BxD: jax.Array, dtype) -> jax.Array:
+    """`ln_modulate` as the CPU adaLN kernels (`onednn.adaln_forward` / `adaln_backward`): XLA:CPU
+    spends several passes over the (B, L, D) arrays on each direction (statistics, normalise and
+    convert; reductions over D and over L, converts), the kernels one."""
+    return onednn.adaln_forward(x_BxLxD, shift_BxD, scale_BxD, dtype, NORM_EPS)
+
+
+def _kernel_ln_modulate_fwd(x_BxLxD, shift_BxD, scale_BxD, dtype):
+    return onednn.adaln_forward(x_BxLxD, shift_BxD, scale_BxD, dtype, NORM_EPS), (x_BxLxD, scale_BxD)
+
+
+def _kernel_ln_modulate_bwd(dtype, res, dh_BxLxD):
+    x_BxLxD, scale_BxD = res
+    return onednn.adaln_backward(x_BxLxD, scale_BxD, dh_BxLxD, NORM_EPS)
+
+
+_kernel_ln_modulate.defvjp(_kernel_ln_modulate_fwd, _kernel_ln_modulate_bwd)
 
 
 class RMSNorm(nnx.Module):
