@@ -567,7 +567,11 @@ inline void RowStats(const float* x, int64_t D, float eps, float* mean, float* r
 
 // Row kernels are built for AVX-512, AVX2 and the x86-64 baseline and picked at load time (the
 // library is compiled without -march: one build serves any x86-64 machine sharing the cache).
+#if defined(__x86_64__)
 #define MMDIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MMDIT_CLONES
+#endif
 
 // h = LayerNorm(x) * (1 + scale) + shift for one row, in float32 or (h16) bf16.
 MMDIT_CLONES
