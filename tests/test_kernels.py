@@ -129,6 +129,18 @@ def test_linear_kernels_match_float64_reference(use_onednn, dtype, gelu):
         assert err < tol, (name, err)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 40), (257, 33)])  # fewer rows than threads; odd sizes
+def test_column_sum_matches_float64(use_onednn, dtype, shape):
+    z = _rand(shape, dtype, 30)
+    got = onednn.column_sum(z)
+    want = np.asarray(z.astype(jnp.float32), np.float64).sum(0)
+    assert got.dtype == jnp.float32 and got.shape == shape[1:]
+    assert np.abs(np.asarray(got, np.float64) - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+    with pytest.raises(ValueError, match=r"\(M, N\)"):
+        onednn.column_sum(z.reshape(-1))
+
+
 def test_linear_kernels_reject_bad_operands(use_onednn):
     x, w, b = jnp.zeros((4, 3)), jnp.zeros((3, 5)), jnp.zeros((5,))
     with pytest.raises(ValueError, match=r"x \(M, K\), w \(K, N\), b \(N,\)"):

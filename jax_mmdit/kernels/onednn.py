@@ -52,6 +52,7 @@ LINEAR_GELU = "mmdit_onednn_linear_gelu"
 GELU_BWD = "mmdit_onednn_gelu_bwd"
 ADALN_FWD = "mmdit_adaln_fwd"
 ADALN_BWD = "mmdit_adaln_bwd"
+COLUMN_SUM = "mmdit_column_sum"
 
 
 def _mode() -> str:
@@ -110,7 +111,7 @@ def _load() -> str | None:
                            (ATTENTION_BWD, lib.MmditOnednnAttentionBwd), (LINEAR, lib.MmditOnednnLinear),
                            (LINEAR_GELU, lib.MmditOnednnLinearGelu),
                            (GELU_BWD, lib.MmditOnednnGeluBwd), (ADALN_FWD, lib.MmditAdaLnFwd),
-                           (ADALN_BWD, lib.MmditAdaLnBwd)):
+                           (ADALN_BWD, lib.MmditAdaLnBwd), (COLUMN_SUM, lib.MmditColumnSum)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return None
 
@@ -212,6 +213,14 @@ def gelu_backward(z: jax.Array, g: jax.Array) -> jax.Array:
         raise ValueError(f"onednn.gelu_backward wants z and g of one shape and dtype (float32/bfloat16); got "
                          f"{z.shape} {z.dtype}, {g.shape} {g.dtype}")
     return jax.ffi.ffi_call(GELU_BWD, jax.ShapeDtypeStruct(z.shape, z.dtype), vmap_method="sequential")(z, g)
+
+
+def column_sum(z: jax.Array) -> jax.Array:
+    """z.sum(0) in float32 for z (M, N) float32 or bfloat16 (a dense layer's bias gradient), one
+    read of z."""
+    if z.ndim != 2 or z.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"onednn.column_sum wants a float32 or bfloat16 (M, N) array, got {z.shape} {z.dtype}")
+    return jax.ffi.ffi_call(COLUMN_SUM, jax.ShapeDtypeStruct(z.shape[1:], jnp.float32), vmap_method="sequential")(z)
 
 
 def _check_adaln(name: str, x: jax.Array, scale: jax.Array) -> None:
