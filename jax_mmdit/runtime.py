@@ -12,11 +12,10 @@ Users' own XLA_FLAGS win: we only add flags they did not set.
 it). XLA:CPU's asynchronous path marks a program's outputs ready *before* it frees the program's
 temporary buffers, so a step dispatched as soon as the previous one's loss is ready now and then
 allocates its temporaries while the previous step's are still held: a heap that keeps freed pages
-(jemalloc) then keeps two copies for good. Measured on the default config (bf16, batch 128, 450 MB
-of temporaries): with async dispatch 5 of 7 runs of 16-40 steps took one extra ~450 MB copy (114 k
-page faults in that step), with inline dispatch 0 of 4 runs of 40 steps, at the same step time
-(0.280 vs 0.283 s, alternated runs). DiT-S/2 bf16 at batch 128 had peaked at 20.3 GB for a 9.2 GiB
-plan. Inline execution frees the temporaries before it returns.
+(jemalloc) then keeps two copies for good. `python -m benchmarks.bench_allocator --compare
+dispatch`, peak RSS per process, async vs inline: default config bf16 1.93-1.95 GB in 4 of 4
+processes vs 1.43-1.54 GB; DiT-S/2 bf16 b128 8.52 and 15.02 GB vs 8.50 and 8.44 GB; fp32 b128
+OOM-killed at 24 GB vs 13.67 GB; step time 0.99-1.02x. Inline execution frees the temporaries before it returns.
 
 Command-line entry points also restart themselves with jemalloc on CPU-only Linux hosts
 (`use_jemalloc`): measured in docs/performance.md, `python -m benchmarks.bench_allocator`.
