@@ -40,7 +40,9 @@ def jax_rows(B: int, L: int, H: int, D: int, dtype_name: str, rounds: int) -> di
     for impl, label in (("auto", "fused"), ("xla", "xla softmax")):
         f = lambda q, k, v, impl=impl: layers.attention(q, k, v, impl)  # noqa: E731
         fns[f"{label} fwd"] = jax.jit(f)
-        fns[f"{label} fwd+bwd"] = jax.jit(lambda q, k, v, f=f: jax.vjp(f, q, k, v)[1](do))
+        # The output is returned too: the fused backward recomputes the probabilities and does not
+        # read the forward's output, so XLA would drop the forward from a gradient-only function.
+        fns[f"{label} fwd+bwd"] = jax.jit(lambda q, k, v, f=f: (lambda o, vjp: (o, vjp(do)))(*jax.vjp(f, q, k, v)))
     times: dict[str, list[float]] = {n: [] for n in fns}
     for fn in fns.values():
         jax.block_until_ready(fn(q, k, v))

@@ -13,8 +13,8 @@
   (see onednn_kernels.cc for why and what it saves).
 - `attention_forward` / `attention_backward`: softmax attention fused per head (logits, softmax
   and both matmuls in cache; the backward recomputes the probabilities), on (B, L, H, D) operands
-  so no transposes surround it. DiT-S/2 b32 shapes, forward+backward: bf16 34 -> 18 ms, fp32 69
-  -> 41 ms against the same attention as separate oneDNN matmuls and XLA softmax
+  so no transposes surround it. DiT-S/2 b32 shapes, forward+backward: bf16 33 -> 24 ms, fp32 62
+  -> 53 ms against the same attention as separate oneDNN matmuls and XLA softmax
   (`python -m benchmarks.bench_attention`).
 
 The kernels are `onednn_kernels.cc`, built with the system C++ compiler against Debian's

@@ -250,10 +250,10 @@ const AttnPrims& AttentionPrimitives(const AttnKey& key) {
 }
 
 // Per-thread buffers: the logits/probabilities in float32, dp, the probabilities (then ds) in the
-// compute dtype, one head's dense q/k/v/do and results, and the primitives' scratchpad.
+// compute dtype, one head's dense q/k/v/do and results (the scratchpad is `ThreadScratchpad`'s).
 struct ThreadBuffers {
   std::vector<float> s32, dp32;
-  std::vector<char> p, q, k, v, d_o, out_q, out_k, out_v, scratch;
+  std::vector<char> p, q, k, v, d_o, out_q, out_k, out_v;
 };
 
 ThreadBuffers& Buffers(const AttnPrims& a, int64_t G, int64_t L, int64_t S, int64_t D, size_t elem, bool backward) {
@@ -275,7 +275,6 @@ ThreadBuffers& Buffers(const AttnPrims& a, int64_t G, int64_t L, int64_t S, int6
     grow(buf.out_k, sd);
     grow(buf.out_v, sd);
   }
-  grow(buf.scratch, std::max<size_t>(a.scratch, 1));  // a zero-size memory cannot be made
   return buf;
 }
 
@@ -321,8 +320,7 @@ void ForEachUnit(const AttnPrims& a, const AttnShape& s, int64_t G, size_t elem,
       auto& eng = Engine();
       dnnl::stream stream(eng);
       ThreadBuffers& buf = Buffers(a, G, s.L, s.S, s.D, elem, backward);
-      int64_t bytes = static_cast<int64_t>(buf.scratch.size());
-      dnnl::memory scratch(dnnl::memory::desc({bytes}, dt::u8, dnnl::memory::format_tag::a), eng, buf.scratch.data());
+      dnnl::memory scratch = ThreadScratchpad(a.scratch);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t u = 0; u < units; ++u) body(u * G, buf, stream, scratch);
     } catch (const std::exception& e) {

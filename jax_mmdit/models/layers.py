@@ -229,7 +229,7 @@ def _kernel_ln_modulate(x_BxLxD: jax.Array, shift_BxD: jax.Array, scale_BxD: jax
     """`ln_modulate` as the CPU adaLN kernels (`onednn.adaln_forward` / `adaln_backward`): XLA:CPU
     spends several passes over the (B, L, D) arrays on each direction (statistics, normalise and
     convert; reductions over D and over L, converts), the kernels one."""
-    return onednn.adaln_forward(x_BxLxD, shift_BxD, scale_BxD, dtype, NORM_EPS)
+    return _kernel_ln_modulate_fwd(x_BxLxD, shift_BxD, scale_BxD, dtype)[0]
 
 
 def _kernel_ln_modulate_fwd(x_BxLxD, shift_BxD, scale_BxD, dtype):
@@ -479,7 +479,7 @@ def _onednn_attention(q_BxLxNxK: jax.Array, k_BxSxNxK: jax.Array, v_BxSxNxK: jax
     head, logits, softmax and both matmuls run in cache, and the backward recomputes the
     probabilities rather than keeping them. Against `_softmax_attention` on oneDNN matmuls
     (`python -m benchmarks.bench_attention`, B=32, L=256, 6x64 heads): bf16 forward+backward
-    1.8x, fp32 1.7x; whole train steps in docs/performance.md."""
+    1.37x, fp32 1.18x; whole train steps in docs/performance.md."""
     return onednn.attention_forward(q_BxLxNxK, k_BxSxNxK, v_BxSxNxK)
 
 

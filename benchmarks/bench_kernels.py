@@ -1,0 +1,122 @@
+"""The small CPU kernels alone, against what they replaced, in one process:
+
+- adaLN (`layers.ln_modulate`): the C++ kernels against XLA's version of the same function
+  (traced with MMDIT_ONEDNN=off), forward and forward + backward;
+- the dense layers' bias gradient: `onednn.column_sum` against XLA's float32 sum and against a
+  ones-row oneDNN matmul (what the layers used before).
+
+    python -m benchmarks.bench_kernels              # DiT-S/2 b32 and default-config shapes
+    python -m benchmarks.bench_kernels --rounds 60
+
+Median ms per call; the variants are timed in alternation. Re-executes itself with jemalloc where
+installed, as `mmdit` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from benchmarks.bench_attention import _median_ms
+
+# adaLN (name, B, L, D); bias gradient (name, M, N): DiT-S/2 at 32x32 batch 32 (fc1, qkv, proj) and
+# the default fashion_mnist config at batch 128 (fc1, qkv).
+ADALN_SHAPES = [("DiT-S/2 b32", 32, 256, 384), ("default b128", 128, 49, 192)]
+BIAS_SHAPES = [("DiT-S/2 b32 fc1", 8192, 1536), ("DiT-S/2 b32 qkv", 8192, 1152), ("DiT-S/2 b32 proj", 8192, 384),
+               ("default fc1", 6272, 768), ("default qkv", 6272, 576)]
+
+
+def _time(fns: dict, args: tuple, rounds: int) -> dict[str, float]:
+    import jax
+
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {n: _median_ms(t) for n, t in times.items()}
+
+
+def adaln_rows(B: int, L: int, D: int, dtype_name: str, rounds: int) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_mmdit.kernels import onednn
+    from jax_mmdit.models import layers
+
+    dtype = jnp.dtype(dtype_name)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
+    shift, scale = (jnp.asarray(rng.standard_normal((B, D)) * 0.1, jnp.float32) for _ in range(2))
+    dh = jnp.asarray(rng.standard_normal((B, L, D)), dtype)
+    f = lambda x, sh, sc: layers.ln_modulate(x, sh, sc, dtype)  # noqa: E731
+    fns = {}
+    for label, mode in (("kernel", "on"), ("xla", "off")):
+        os.environ[onednn.ENV] = mode  # read when tracing: the first call below
+        fns[f"{label} fwd"] = jax.jit(f)
+        # The output is returned too: otherwise XLA drops a forward the backward does not read.
+        fns[f"{label} fwd+bwd"] = jax.jit(lambda x, sh, sc: (lambda h, vjp: (h, vjp(dh)))(*jax.vjp(f, x, sh, sc)))
+        for name in (f"{label} fwd", f"{label} fwd+bwd"):
+            jax.block_until_ready(fns[name](x, shift, scale))
+    os.environ[onednn.ENV] = "auto"
+    return _time(fns, (x, shift, scale), rounds)
+
+
+def bias_rows(M: int, N: int, dtype_name: str, rounds: int) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_mmdit.kernels import onednn
+
+    dz = jnp.asarray(np.random.default_rng(0).standard_normal((M, N)), jnp.dtype(dtype_name))
+    fns = {
+        "column_sum": jax.jit(onednn.column_sum),
+        "xla sum": jax.jit(lambda d: jnp.sum(d, axis=0, dtype=jnp.float32)),
+        "ones-row matmul": jax.jit(lambda d: onednn.matmul(jnp.ones((1, d.shape[0]), d.dtype), d)[0]),
+    }
+    for fn in fns.values():
+        jax.block_until_ready(fn(dz))
+    return _time(fns, (dz,), rounds)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=30)
+    args = p.parse_args(argv)
+
+    from jax_mmdit import runtime
+
+    runtime.use_jemalloc()
+    runtime.configure()
+    from jax_mmdit.kernels import onednn
+
+    if not onednn.enabled():
+        print("the kernels are not enabled here (MMDIT_ONEDNN, or they did not build)", file=sys.stderr)
+        return 1
+    malloc = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+    print(f"# bench_kernels: median ms per call over {args.rounds} alternated rounds; malloc: {malloc}")
+    print("| adaLN (B, L, D) | dtype | kernel fwd | xla fwd | kernel fwd+bwd | xla fwd+bwd | speed-up fwd+bwd |")
+    print("|---|---|---|---|---|---|---|")
+    for name, B, L, D in ADALN_SHAPES:
+        for dtype in ("bfloat16", "float32"):
+            r = adaln_rows(B, L, D, dtype, args.rounds)
+            print(f"| {name} ({B}, {L}, {D}) | {dtype} | {r['kernel fwd']:.2f} | {r['xla fwd']:.2f} | "
+                  f"{r['kernel fwd+bwd']:.2f} | {r['xla fwd+bwd']:.2f} | {r['xla fwd+bwd'] / r['kernel fwd+bwd']:.2f}x |")
+    print()
+    print("| bias gradient (M, N) | dtype | column_sum | xla sum | ones-row matmul |")
+    print("|---|---|---|---|---|")
+    for name, M, N in BIAS_SHAPES:
+        for dtype in ("bfloat16", "float32"):
+            r = bias_rows(M, N, dtype, args.rounds)
+            print(f"| {name} ({M}, {N}) | {dtype} | {r['column_sum']:.3f} | {r['xla sum']:.3f} | "
+                  f"{r['ones-row matmul']:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
