@@ -150,19 +150,22 @@ def make_train_step(
 
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
+        # A non-finite step changes nothing but the bookkeeping: the last good weights survive.
+        params = _select(apply, new_params, state.params)
+        opt_state = _select(apply, new_opt_state, state.opt_state)
+        # The EMA reads the stored new weights. Left to itself XLA fused the update into the EMA
+        # too, so two fusions read the old weights, one of them writing over them in place (the
+        # donated buffer): copy insertion then copied every parameter each step.
+        params = jax.lax.optimization_barrier(params)
         if ocfg.ema_decay > 0:
             decay = jnp.asarray(ocfg.ema_decay, jnp.float32)
             if ocfg.ema_warmup:
                 s = state.step.astype(jnp.float32)
                 decay = jnp.minimum(decay, (1.0 + s) / (10.0 + s))
-            new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
+            new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+            ema = _select(apply, new_ema, state.ema_params)
         else:
-            new_ema = new_params
-
-        # A non-finite step changes nothing but the bookkeeping: the last good weights survive.
-        params = _select(apply, new_params, state.params)
-        opt_state = _select(apply, new_opt_state, state.opt_state)
-        ema = _select(apply, new_ema, state.ema_params)
+            ema = _select(apply, params, state.ema_params)
 
         loss_scale, good_steps = state.loss_scale, state.good_steps
         if fp16:
