@@ -30,7 +30,7 @@ def jax_rows(B: int, L: int, H: int, D: int, dtype_name: str, rounds: int) -> di
     import jax.numpy as jnp
     import numpy as np
 
-    from jax_mmdit.models import layers
+    from jax_mmdit.models import attention
 
     dtype = jnp.dtype(dtype_name)
     rng = np.random.default_rng(0)
@@ -38,7 +38,7 @@ def jax_rows(B: int, L: int, H: int, D: int, dtype_name: str, rounds: int) -> di
     do = jnp.asarray(rng.standard_normal((B, L, H * D)), dtype)
     fns = {}
     for impl, label in (("auto", "fused"), ("xla", "xla softmax")):
-        f = lambda q, k, v, impl=impl: layers.attention(q, k, v, impl)  # noqa: E731
+        f = lambda q, k, v, impl=impl: attention.attention(q, k, v, impl)  # noqa: E731
         fns[f"{label} fwd"] = jax.jit(f)
         # The output is returned too: the fused backward recomputes the probabilities and does not
         # read the forward's output, so XLA would drop the forward from a gradient-only function.

@@ -3,7 +3,12 @@
 - adaLN (`layers.ln_modulate`): the C++ kernels against XLA's version of the same function
   (traced with MMDIT_ONEDNN=off), forward and forward + backward;
 - the dense layers' bias gradient: `onednn.column_sum` against XLA's float32 sum and against a
-  ones-row oneDNN matmul (what the layers used before).
+  ones-row oneDNN matmul (what the layers used before);
+- a dense layer's whole backward: `onednn.dense_backward` (dx, dW, db one after another in one call)
+  against the three calls XLA ran concurrently before (two `onednn.matmul`s and `column_sum`);
+- adaLN-Zero's gated residual x + gate * a (`layers.gated_residual`), kernel backward against XLA's;
+- self-attention from the packed (B, L, 3, H, D) projection: the packed kernels against splitting
+  q, k, v out and calling the unpacked ones (the gradient then needs a concatenate).
 
     python -m benchmarks.bench_kernels              # DiT-S/2 b32 and default-config shapes
     python -m benchmarks.bench_kernels --rounds 60
@@ -24,6 +29,11 @@ from benchmarks.bench_attention import _median_ms
 # adaLN (name, B, L, D); bias gradient (name, M, N): DiT-S/2 at 32x32 batch 32 (fc1, qkv, proj) and
 # the default fashion_mnist config at batch 128 (fc1, qkv).
 ADALN_SHAPES = [("DiT-S/2 b32", 32, 256, 384), ("default b128", 128, 49, 192)]
+# dense backward (name, M, K, N): DiT-S/2 b32 fc1 and fc2, default config fc1 and qkv.
+DENSE_SHAPES = [("DiT-S/2 b32 fc1", 8192, 384, 1536), ("DiT-S/2 b32 fc2", 8192, 1536, 384),
+                ("default fc1", 6272, 192, 768), ("default qkv", 6272, 192, 576)]
+# packed self-attention (name, B, L, H, D)
+PACKED_SHAPES = [("DiT-S/2 b32", 32, 256, 6, 64), ("default b128", 128, 49, 3, 64)]
 BIAS_SHAPES = [("DiT-S/2 b32 fc1", 8192, 1536), ("DiT-S/2 b32 qkv", 8192, 1152), ("DiT-S/2 b32 proj", 8192, 384),
                ("default fc1", 6272, 768), ("default qkv", 6272, 576)]
 
@@ -84,6 +94,72 @@ def bias_rows(M: int, N: int, dtype_name: str, rounds: int) -> dict[str, float]:
     return _time(fns, (dz,), rounds)
 
 
+
+def dense_backward_rows(M: int, K: int, N: int, dtype_name: str, rounds: int) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_mmdit.kernels import onednn
+
+    rng = np.random.default_rng(0)
+    dtype = jnp.dtype(dtype_name)
+    x, w, dz = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((M, K), (K, N), (M, N)))
+    fns = {
+        "one call": jax.jit(onednn.dense_backward),
+        "three calls": jax.jit(lambda x, w, dz: (onednn.matmul(dz, w, transpose_b=True, out_dtype=x.dtype),
+                                                 onednn.matmul(x, dz, transpose_a=True), onednn.column_sum(dz))),
+    }
+    for fn in fns.values():
+        jax.block_until_ready(fn(x, w, dz))
+    return _time(fns, (x, w, dz), rounds)
+
+
+def gated_residual_rows(B: int, L: int, D: int, dtype_name: str, rounds: int) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_mmdit.kernels import onednn
+    from jax_mmdit.models import layers
+
+    rng = np.random.default_rng(0)
+    x, dy = (jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32) for _ in range(2))
+    gate = jnp.asarray(rng.standard_normal((B, D)), jnp.float32)
+    a = jnp.asarray(rng.standard_normal((B, L, D)), jnp.dtype(dtype_name))
+    fns = {}
+    for label, mode in (("kernel", "on"), ("xla", "off")):
+        os.environ[onednn.ENV] = mode  # read when tracing: the first call below
+        fns[label] = jax.jit(lambda x, g, a: (lambda y, vjp: (y, vjp(dy)))(*jax.vjp(layers.gated_residual, x, g, a)))
+        jax.block_until_ready(fns[label](x, gate, a))
+    os.environ[onednn.ENV] = "auto"
+    return _time(fns, (x, gate, a), rounds)
+
+
+def packed_attention_rows(B: int, L: int, H: int, D: int, dtype_name: str, rounds: int) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_mmdit.kernels import onednn
+
+    rng = np.random.default_rng(0)
+    qkv = jnp.asarray(rng.standard_normal((B, L, 3, H, D)), jnp.dtype(dtype_name))
+    do = jnp.asarray(rng.standard_normal((B, L, H, D)), jnp.dtype(dtype_name))
+
+    def split(qkv):
+        q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
+        o = onednn.attention_forward(q, k, v)
+        return o, jnp.stack(onednn.attention_backward(q, k, v, do), axis=2)
+
+    fns = {
+        "packed": jax.jit(lambda qkv: (onednn.attention_packed_forward(qkv), onednn.attention_packed_backward(qkv, do))),
+        "split": jax.jit(split),
+    }
+    for fn in fns.values():
+        jax.block_until_ready(fn(qkv))
+    return _time(fns, (qkv,), rounds)
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=30)
@@ -115,6 +191,30 @@ def main(argv=None) -> int:
             r = bias_rows(M, N, dtype, args.rounds)
             print(f"| {name} ({M}, {N}) | {dtype} | {r['column_sum']:.3f} | {r['xla sum']:.3f} | "
                   f"{r['ones-row matmul']:.3f} |", flush=True)
+    print()
+    print("| dense backward (M, K, N) | dtype | one call | three calls | speed-up |")
+    print("|---|---|---|---|---|")
+    for name, M, K, N in DENSE_SHAPES:
+        for dtype in ("bfloat16", "float32"):
+            r = dense_backward_rows(M, K, N, dtype, args.rounds)
+            print(f"| {name} ({M}, {K}, {N}) | {dtype} | {r['one call']:.2f} | {r['three calls']:.2f} | "
+                  f"{r['three calls'] / r['one call']:.2f}x |", flush=True)
+    print()
+    print("| gated residual fwd+bwd (B, L, D) | a dtype | kernel | xla | speed-up |")
+    print("|---|---|---|---|---|")
+    for name, B, L, D in ADALN_SHAPES:
+        for dtype in ("bfloat16", "float32"):
+            r = gated_residual_rows(B, L, D, dtype, args.rounds)
+            print(f"| {name} ({B}, {L}, {D}) | {dtype} | {r['kernel']:.2f} | {r['xla']:.2f} | "
+                  f"{r['xla'] / r['kernel']:.2f}x |", flush=True)
+    print()
+    print("| self-attention fwd+bwd (B, L, H, D) | dtype | packed | split + concatenate | speed-up |")
+    print("|---|---|---|---|---|")
+    for name, B, L, H, D in PACKED_SHAPES:
+        for dtype in ("bfloat16", "float32"):
+            r = packed_attention_rows(B, L, H, D, dtype, args.rounds)
+            print(f"| {name} ({B}, {L}, {H}, {D}) | {dtype} | {r['packed']:.2f} | {r['split']:.2f} | "
+                  f"{r['split'] / r['packed']:.2f}x |", flush=True)
     return 0
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jax_mmdit.kernels import onednn
-from jax_mmdit.models import layers
+from jax_mmdit.models import attention, layers
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def _dense_and_attention_grads(dtype, mode, monkeypatch):
         # Linear in the dense outputs (a fixed random cotangent): the oneDNN path rounds them to bf16,
         # which a curved loss like sin would amplify into gradient differences.
         d = jnp.sum(layers.dense(x, w, b, dtype) * r) + jnp.sum(layers.dense_gelu(x, w, b, dtype) * r)
-        a = jnp.sum(jnp.sin(layers._softmax_attention(q, k, v, use).astype(jnp.float32)))
+        a = jnp.sum(jnp.sin(attention._softmax_attention(q, k, v, use).astype(jnp.float32)))
         return d + a
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(x, w, b, q, k, v)
@@ -151,6 +151,10 @@ def test_linear_kernels_reject_bad_operands(use_onednn):
         onednn.linear(x, w.astype(jnp.bfloat16), b)
     with pytest.raises(ValueError, match="one shape and dtype"):
         onednn.gelu_backward(jnp.zeros((4, 5)), jnp.zeros((4, 5), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"dz \(M, N\)"):
+        onednn.dense_backward(x, w, jnp.zeros((4, 4)))
+    with pytest.raises(TypeError, match="one dtype"):
+        onednn.dense_backward(x, w, jnp.zeros((4, 5), jnp.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -189,6 +193,29 @@ def test_adaln_kernels_reject_bad_operands(use_onednn):
     with pytest.raises(ValueError, match="dh must be like x"):
         onednn.adaln_backward(x, s, jnp.zeros((2, 3, 5)), 1e-6)
 
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gated_residual_backward_matches_float64(use_onednn, dtype):
+    # D not a multiple of the vector width, an odd batch over two threads.
+    B, L, D = 3, 5, 37
+    x, dy = _rand((B, L, D), jnp.float32, 24), _rand((B, L, D), jnp.float32, 25)
+    gate, a = _rand((B, D), jnp.float32, 26), _rand((B, L, D), dtype, 27)
+    y, vjp = jax.vjp(layers.gated_residual, x, gate, a)
+    assert onednn.GATED_RESIDUAL_BWD in jax.jit(lambda *p: jax.vjp(layers.gated_residual, *p)[1](dy)).lower(x, gate, a).as_text()
+    dx, dgate, da = vjp(dy)
+    assert y.dtype == jnp.float32 and (dx.dtype, dgate.dtype, da.dtype) == (jnp.float32, jnp.float32, dtype)
+    x64, dy64, g64, a64 = (np.asarray(jnp.asarray(v).astype(jnp.float32), np.float64) for v in (x, dy, gate, a))
+    np.testing.assert_allclose(np.asarray(y), x64 + g64[:, None] * a64, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(dy))
+    np.testing.assert_allclose(np.asarray(dgate), (dy64 * a64).sum(1), rtol=1e-5, atol=1e-5)
+    # da rounded once to a's dtype.
+    tol = 4e-3 if dtype == jnp.bfloat16 else 1e-6
+    np.testing.assert_allclose(np.asarray(da, np.float64), g64[:, None] * dy64, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match=r"gate \(B, D\), a and dy \(B, L, D\)"):
+        onednn.gated_residual_backward(gate[:, :4], a, dy)
+    with pytest.raises(TypeError, match="float32 gate and dy"):
+        onednn.gated_residual_backward(gate, a, dy.astype(jnp.bfloat16))
 
 def _attention_reference(q, k, v):
     """float64 softmax attention on (B, L, H, D) inputs."""
@@ -239,7 +266,7 @@ def test_fused_attention_is_what_auto_attention_runs_and_matches_the_xla_path(us
     q, k, v = (_rand((2, 16, 3, 8), jnp.float32, s) for s in (5, 6, 7))
 
     def loss(impl):
-        return lambda q, k, v: jnp.sum(jnp.sin(layers.attention(q, k, v, impl)))
+        return lambda q, k, v: jnp.sum(jnp.sin(attention.attention(q, k, v, impl)))
 
     fused = jax.jit(jax.value_and_grad(loss("auto"), argnums=(0, 1, 2)))
     text = fused.lower(q, k, v).compile().as_text()
@@ -250,6 +277,42 @@ def test_fused_attention_is_what_auto_attention_runs_and_matches_the_xla_path(us
         np.testing.assert_allclose(g_f, g_x, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_packed_self_attention_is_the_fused_attention_of_its_slots(use_onednn, dtype):
+    # Short sequences over many heads (8 heads per unit) and one head per unit.
+    for B, L, H, D in ((16, 9, 4, 8), (2, 40, 3, 16)):
+        qkv, do = _rand((B, L, 3, H, D), dtype, 11), _rand((B, L, H, D), dtype, 12)
+        q, k, v = (qkv[:, :, i] for i in range(3))
+        o = jax.jit(onednn.attention_packed_forward)(qkv)
+        dqkv = jax.jit(onednn.attention_packed_backward)(qkv, do)
+        assert o.dtype == dtype and dqkv.dtype == dtype and dqkv.shape == qkv.shape
+        # The same units and primitives, only the rows are gathered from (and scattered to) the
+        # packed array: bit-identical to the unpacked kernels.
+        np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(onednn.attention_forward(q, k, v), np.float32))
+        want = jnp.stack(onednn.attention_backward(q, k, v, do), axis=2)
+        np.testing.assert_array_equal(np.asarray(dqkv, np.float32), np.asarray(want, np.float32))
+
+
+def test_dit_self_attention_reads_the_packed_projection_and_matches_the_xla_path(use_onednn):
+    from flax import nnx
+
+    attn = attention.QKV(48, 3, False, jnp.float32, nnx.Rngs(0))
+    graphdef, params = nnx.split(attn)
+    h = _rand((2 * 16, 48), jnp.float32, 13)
+
+    def loss(impl):
+        return lambda p, h: jnp.sum(jnp.sin(nnx.merge(graphdef, p).self_attention(h, 2, impl)))
+
+    packed = jax.jit(jax.value_and_grad(loss("auto"), argnums=(0, 1)))
+    text = packed.lower(params, h).compile().as_text()
+    assert onednn.ATTENTION_PACKED_FWD in text and onednn.ATTENTION_PACKED_BWD in text
+    assert "concatenate" not in text  # the gradient comes out packed
+    (val_p, grads_p), (val_x, grads_x) = packed(params, h), jax.jit(jax.value_and_grad(loss("xla"), argnums=(0, 1)))(params, h)
+    np.testing.assert_allclose(val_p, val_x, rtol=1e-5)
+    for g_p, g_x in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_x)):
+        np.testing.assert_allclose(g_p, g_x, rtol=1e-4, atol=1e-5)
+
+
 def test_fused_attention_rejects_bad_operands(use_onednn):
     q = jnp.zeros((2, 8, 3, 16), jnp.float32)
     with pytest.raises(TypeError, match="one dtype"):
@@ -258,6 +321,10 @@ def test_fused_attention_rejects_bad_operands(use_onednn):
         onednn.attention_forward(q, jnp.zeros((2, 8, 3, 8), jnp.float32), jnp.zeros((2, 8, 3, 8), jnp.float32))
     with pytest.raises(ValueError, match="do must be like q"):
         onednn.attention_backward(q, q, q, q[:, :4])
+    with pytest.raises(ValueError, match=r"\(B, L, 3, H, D\)"):
+        onednn.attention_packed_forward(jnp.zeros((2, 8, 2, 3, 16), jnp.float32))
+    with pytest.raises(ValueError, match="do must be"):
+        onednn.attention_packed_backward(jnp.zeros((2, 8, 3, 3, 16), jnp.float32), q[:, :4])
 
 
 def test_attention_kernels_are_counted_as_model_flops(use_onednn):
@@ -268,11 +335,17 @@ def test_attention_kernels_are_counted_as_model_flops(use_onednn):
     # sum(o * c) with a constant c: no other FLOP-heavy op. value_and_grad: the gradient alone
     # does not need the forward's output, and XLA drops the forward call.
     c = _rand((B, L, H, D), jnp.float32, 3)
-    f = jax.value_and_grad(lambda q, kv: jnp.sum(layers.attention(q, kv, kv, "auto").reshape(q.shape) * c), argnums=(0, 1))
+    f = jax.value_and_grad(lambda q, kv: jnp.sum(attention.attention(q, kv, kv, "auto").reshape(q.shape) * c), argnums=(0, 1))
     compiled = jax.jit(f).lower(q, kv).compile()
     attention_flops = onednn.hlo_flops(compiled.as_text())
     assert attention_flops == (4 + 8) * B * H * L * S * D  # forward 2 matmuls, backward 4
     assert profiler.compiled_flops(compiled) >= attention_flops
+    # Self-attention on the packed projection: S = L.
+    qkv, c = _rand((B, L, 3, H, D), jnp.float32, 4), _rand((B, L, H, D), jnp.float32, 5)
+    f = jax.value_and_grad(lambda qkv: jnp.sum(attention._onednn_self_attention(qkv) * c))
+    text = jax.jit(f).lower(qkv).compile().as_text()
+    assert onednn.ATTENTION_PACKED_FWD in text and onednn.ATTENTION_PACKED_BWD in text
+    assert onednn.hlo_flops(text) == (4 + 8) * B * H * L * L * D
 
 
 def test_custom_calls_are_counted_in_flops(monkeypatch):
@@ -285,7 +358,7 @@ def test_custom_calls_are_counted_in_flops(monkeypatch):
         # sin: XLA would otherwise simplify the gradient of a plain sum of a dot away; 2w: it would
         # compute x @ w once for both layers.
         y = jnp.sum(jnp.sin(layers.dense(x, w, b, jnp.bfloat16) + layers.dense_gelu(x, 2 * w, b, jnp.bfloat16)))
-        return y + jnp.sum(jnp.sin(layers.attention(q, q, q, "auto")))
+        return y + jnp.sum(jnp.sin(attention.attention(q, q, q, "auto")))
 
     counts = {}
     for mode in ("off", "on"):
@@ -293,7 +366,7 @@ def test_custom_calls_are_counted_in_flops(monkeypatch):
         compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3))).lower(x, w, b, q).compile()
         counts[mode] = profiler.compiled_flops(compiled)
         text = compiled.as_text()
-        assert all((t in text) == (mode == "on") for t in (onednn.TARGET, onednn.LINEAR, onednn.LINEAR_GELU))
+        assert all((t in text) == (mode == "on") for t in (onednn.DENSE_BWD, onednn.LINEAR, onednn.LINEAR_GELU))
         kernel_flops = onednn.hlo_flops(text)
     # 6 dense matmuls (64x48x40) + 6 attention matmuls (2x16 heads of 3x3x8), x2 FLOPs: exactly the
     # kernels' count (the bias gradients' column sums are not matmuls). XLA also counts softmax's
@@ -340,6 +413,43 @@ def test_auto_mode_stays_off_on_a_multi_device_mesh(monkeypatch):
     assert not onednn.enabled()
 
 
+
+@pytest.mark.parametrize("arch", ["dit", "mmdit"])
+def test_model_gradients_with_the_kernels_match_xla(arch, monkeypatch):
+    # Every kernel a model uses, through the models' own code paths: DiT takes the packed
+    # self-attention, MMDiT (text-conditioned: a context stream with its own gated residuals and
+    # joint attention over both streams) the unpacked one; both the gated-residual, adaLN and dense
+    # kernels. fp32, randomised weights (adaLN-Zero's zero gates would hide the branches).
+    from flax import nnx
+
+    from jax_mmdit.models import ModelConfig, create_model
+
+    extra = dict(num_classes=0, context_dim=8, pooled_dim=6) if arch == "mmdit" else dict(num_classes=5)
+    cfg = ModelConfig(arch=arch, image_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, **extra)
+    model = create_model(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda p: jnp.asarray(0.2 * rng.standard_normal(p.shape), p.dtype), params)
+    x, t = _rand((2, 8, 8, 3), jnp.float32, 30), jnp.asarray([0.3, 0.8])
+    cond = (dict(context_BxTxE=_rand((2, 5, 8), jnp.float32, 31), pooled_BxP=_rand((2, 6), jnp.float32, 32))
+            if arch == "mmdit" else dict(y_B=jnp.asarray([1, 4])))
+
+    def loss(p):
+        return jnp.mean(jnp.sin(nnx.merge(graphdef, p)(x, t, **cond)))
+
+    results = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv(onednn.ENV, mode)
+        f = jax.jit(jax.value_and_grad(loss))
+        text = f.lower(params).compile().as_text()
+        assert (onednn.GATED_RESIDUAL_BWD in text) == (mode == "on")
+        assert (onednn.ATTENTION_PACKED_BWD in text) == (mode == "on" and arch == "dit")
+        results[mode] = f(params)
+    assert onednn.ATTENTION_BWD in text or arch == "dit"
+    np.testing.assert_allclose(float(results["on"][0]), float(results["off"][0]), rtol=1e-5)
+    for g_on, g_off in zip(jax.tree.leaves(results["on"][1]), jax.tree.leaves(results["off"][1])):
+        np.testing.assert_allclose(g_on, g_off, rtol=1e-4, atol=1e-5 * float(np.abs(g_off).max() + 1e-6))
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_steps_on_onednn_match_xla(tmp_path, monkeypatch, precision):
     import dataclasses
@@ -357,7 +467,7 @@ def test_train_steps_on_onednn_match_xla(tmp_path, monkeypatch, precision):
         it = tr.train_data.iterator(cfg.batch_size, seed=cfg.seed)
         losses[mode] = np.asarray(jax.device_get([tr.train_step(next(it))["loss"] for _ in range(3)]))
         text = tr._compiled_step.as_text()
-        kernels = (onednn.TARGET, onednn.ATTENTION_BWD, onednn.ADALN_BWD, onednn.COLUMN_SUM)
+        kernels = (onednn.DENSE_BWD, onednn.ATTENTION_PACKED_BWD, onednn.ADALN_BWD, onednn.GATED_RESIDUAL_BWD)
         assert all((k in text) == (mode == "on") for k in kernels)
     assert len(set(np.round(losses["off"], 6))) == 3  # the loss moves, so parameters were updated
     np.testing.assert_allclose(losses["on"], losses["off"], rtol=1e-3 if precision == "bf16" else 1e-5)

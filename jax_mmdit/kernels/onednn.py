@@ -17,7 +17,8 @@
   -> 53 ms against the same attention as separate oneDNN matmuls and XLA softmax
   (`python -m benchmarks.bench_attention`).
 
-The kernels are `onednn_kernels.cc`, built with the system C++ compiler against Debian's
+The kernels are `onednn_kernels.cc` (oneDNN) and `row_kernels.cc` (plain C++/OpenMP: adaLN, column
+sum, gated residual), built with the system C++ compiler against Debian's
 libdnnl-dev (`make setup` installs it) into a cache directory, once per source/jaxlib version.
 Where they cannot be built, models fall back to XLA (same results, slower) after a one-line
 warning. MMDIT_ONEDNN selects: "auto" (default: single-device CPU runs, when it builds), "on"
@@ -43,7 +44,9 @@ import numpy as np
 
 ENV = "MMDIT_ONEDNN"
 CACHE_ENV = "MMDIT_CACHE_DIR"
-SOURCE = Path(__file__).with_name("onednn_kernels.cc")
+_DIR = Path(__file__).parent
+SOURCES = (_DIR / "onednn_kernels.cc", _DIR / "row_kernels.cc")
+HEADERS = (_DIR / "common.h",)
 TARGET = "mmdit_onednn_matmul"
 ATTENTION_FWD = "mmdit_onednn_attention_fwd"
 ATTENTION_BWD = "mmdit_onednn_attention_bwd"
@@ -53,6 +56,10 @@ GELU_BWD = "mmdit_onednn_gelu_bwd"
 ADALN_FWD = "mmdit_adaln_fwd"
 ADALN_BWD = "mmdit_adaln_bwd"
 COLUMN_SUM = "mmdit_column_sum"
+DENSE_BWD = "mmdit_dense_bwd"
+ATTENTION_PACKED_FWD = "mmdit_onednn_attention_packed_fwd"
+ATTENTION_PACKED_BWD = "mmdit_onednn_attention_packed_bwd"
+GATED_RESIDUAL_BWD = "mmdit_gated_residual_bwd"
 
 
 def _mode() -> str:
@@ -69,7 +76,7 @@ def _cache_dir() -> Path:
 
 def _library_path() -> Path:
     # A new kernel source or jaxlib (FFI headers) gets its own file: stale builds are never loaded.
-    key = hashlib.sha256(SOURCE.read_bytes() + jax.lib.__version__.encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS)) + jax.lib.__version__.encode()).hexdigest()[:16]
     return _cache_dir() / f"onednn_kernels-{key}.so"
 
 
@@ -85,7 +92,7 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     cmd = [cxx, "-O2", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}",
-           str(SOURCE), "-o", tmp, "-ldnnl"]
+           *map(str, SOURCES), "-o", tmp, "-ldnnl"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError as e:
@@ -111,7 +118,11 @@ def _load() -> str | None:
                            (ATTENTION_BWD, lib.MmditOnednnAttentionBwd), (LINEAR, lib.MmditOnednnLinear),
                            (LINEAR_GELU, lib.MmditOnednnLinearGelu),
                            (GELU_BWD, lib.MmditOnednnGeluBwd), (ADALN_FWD, lib.MmditAdaLnFwd),
-                           (ADALN_BWD, lib.MmditAdaLnBwd), (COLUMN_SUM, lib.MmditColumnSum)):
+                           (ADALN_BWD, lib.MmditAdaLnBwd), (COLUMN_SUM, lib.MmditColumnSum),
+                           (DENSE_BWD, lib.MmditDenseBwd),
+                           (ATTENTION_PACKED_FWD, lib.MmditOnednnAttentionPackedFwd),
+                           (ATTENTION_PACKED_BWD, lib.MmditOnednnAttentionPackedBwd),
+                           (GATED_RESIDUAL_BWD, lib.MmditGatedResidualBwd)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return None
 
@@ -186,6 +197,31 @@ def attention_backward(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) 
     return jax.ffi.ffi_call(ATTENTION_BWD, out, vmap_method="sequential")(q, k, v, do)
 
 
+
+def _check_packed(qkv: jax.Array) -> None:
+    if qkv.ndim != 5 or qkv.shape[2] != 3 or qkv.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"onednn packed attention wants qkv (B, L, 3, H, D) in float32 or bfloat16, got {qkv.shape} {qkv.dtype}")
+
+
+def attention_packed_forward(qkv: jax.Array) -> jax.Array:
+    """`attention_forward` of q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], read in place from
+    the packed (B, L, 3, H, D) projection (no split copies) -> (B, L, H, D)."""
+    _check_packed(qkv)
+    B, L, _, H, D = qkv.shape
+    return jax.ffi.ffi_call(ATTENTION_PACKED_FWD, jax.ShapeDtypeStruct((B, L, H, D), qkv.dtype),
+                            vmap_method="sequential")(qkv)
+
+
+def attention_packed_backward(qkv: jax.Array, do: jax.Array) -> jax.Array:
+    """The gradient of `attention_packed_forward` for the output cotangent `do` (B, L, H, D), packed
+    like qkv (dq, dk, dv in slots 0, 1, 2: no concatenate)."""
+    _check_packed(qkv)
+    B, L, _, H, D = qkv.shape
+    if do.shape != (B, L, H, D) or do.dtype != qkv.dtype:
+        raise ValueError(f"onednn packed attention backward: do must be {(B, L, H, D)} {qkv.dtype}, got {do.shape} {do.dtype}")
+    return jax.ffi.ffi_call(ATTENTION_PACKED_BWD, jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+                            vmap_method="sequential")(qkv, do)
+
 def _check_linear(name: str, x: jax.Array, w: jax.Array, b: jax.Array) -> jax.ShapeDtypeStruct:
     if x.dtype != w.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
         raise TypeError(f"onednn.{name} takes float32 or bfloat16 x and w of one dtype, got {x.dtype}, {w.dtype}")
@@ -253,6 +289,18 @@ def adaln_backward(x: jax.Array, scale: jax.Array, dh: jax.Array, eps: float) ->
     return jax.ffi.ffi_call(ADALN_BWD, out, vmap_method="sequential")(x, scale, dh, eps=np.float32(eps))
 
 
+
+def gated_residual_backward(gate: jax.Array, a: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(da, dgate) of y = x + gate[:, None, :] * a for the cotangent dy: da = gate * dy in a's dtype,
+    dgate = sum over L of dy * a in float32, from one pass. gate (B, D) and dy (B, L, D) float32,
+    a (B, L, D) float32 or bfloat16."""
+    if gate.dtype != jnp.float32 or dy.dtype != jnp.float32 or a.dtype not in (jnp.float32, jnp.bfloat16):
+        raise TypeError(f"onednn.gated_residual_backward takes float32 gate and dy and a float32/bfloat16 a, got {gate.dtype}, {a.dtype}, {dy.dtype}")
+    if a.ndim != 3 or dy.shape != a.shape or gate.shape != (a.shape[0], a.shape[2]):
+        raise ValueError(f"onednn.gated_residual_backward wants gate (B, D), a and dy (B, L, D); got {gate.shape}, {a.shape}, {dy.shape}")
+    out = (jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(gate.shape, jnp.float32))
+    return jax.ffi.ffi_call(GATED_RESIDUAL_BWD, out, vmap_method="sequential")(gate, a, dy)
+
 # Output shape, then the first operand's shape: inline in the call, or (compiled HLO) in the
 # operand layout constraints.
 _OUT = re.compile(r"=\s*b?f(?:16|32)\[([\d,]*)\]\S*\s+custom-call\(")
@@ -262,32 +310,42 @@ _A = re.compile(r"(?:custom-call\(|operand_layout_constraints=\{)\s*\w+\[([\d,]*
 _SHAPE = re.compile(r"\w+\[([\d,]*)\]")
 # Model FLOPs per B*H*L*S*D of the attention kernels: two matmuls forward, four backward (the
 # backward's recomputed q k^T is not counted, as MFU conventions leave recomputation out).
-_ATTENTION_FLOPS = {ATTENTION_FWD: 4.0, ATTENTION_BWD: 8.0}
+_ATTENTION_FLOPS = {ATTENTION_FWD: 4.0, ATTENTION_BWD: 8.0, ATTENTION_PACKED_FWD: 4.0, ATTENTION_PACKED_BWD: 8.0}
+# Matmul FLOPs per M*K*N of the dense-layer kernels (x (M, K), w (K, N)): the forward's matmul, the
+# backward's two (dx, dW; the bias gradient's column sum and the GELU are not matmul FLOPs).
+_DENSE_FLOPS = {LINEAR: 2.0, LINEAR_GELU: 2.0, DENSE_BWD: 4.0}
+# Rank of the first two operands' shapes each kernel's count reads.
+_RANKS = {**{t: (2, 2) for t in _DENSE_FLOPS}, ATTENTION_FWD: (4, 4), ATTENTION_BWD: (4, 4),
+          ATTENTION_PACKED_FWD: (5,), ATTENTION_PACKED_BWD: (5, 4)}
 
 
 def hlo_flops(hlo_text: str) -> float:
     """FLOPs of this module's kernel calls in compiled HLO text: XLA's cost analysis counts a custom
     call as zero, which would make FLOP/s and MFU figures miss every matmul. Matmul: 2*M*N*K per
-    call (per batch element), K = size(a) / (batch*M) whichever way a is transposed. Attention:
-    see _ATTENTION_FLOPS, from q (B, L, H, D) and k (B, S, H, D)."""
+    call (per batch element), K = size(a) / (batch*M) whichever way a is transposed. Dense layers:
+    _DENSE_FLOPS from x (M, K) and w (K, N). Attention: _ATTENTION_FLOPS from q (B, L, H, D) and
+    k (B, S, H, D), or the packed qkv (B, L, 3, H, D)."""
     total = 0.0
     for line in hlo_text.splitlines():
-        target = next((t for t in (TARGET, LINEAR, LINEAR_GELU, *_ATTENTION_FLOPS) if f'custom_call_target="{t}"' in line), None)
+        target = next((t for t in (TARGET, *_RANKS) if f'custom_call_target="{t}"' in line), None)
         if target is None:
             continue
         if target != TARGET:
-            # The first two shapes in the operand layout constraints: q's and k's, or x's and w's.
+            # The first operands' shapes in the operand layout constraints.
             _, _, operands = line.partition("operand_layout_constraints={")
-            shapes = [[int(d) for d in m.group(1).split(",") if d] for m in _SHAPE.finditer(operands)][:2]
-            rank = 2 if target in (LINEAR, LINEAR_GELU) else 4
-            if len(shapes) < 2 or len(shapes[0]) != rank or len(shapes[1]) != rank:
+            ranks = _RANKS[target]
+            shapes = [[int(d) for d in m.group(1).split(",") if d] for m in _SHAPE.finditer(operands)][: len(ranks)]
+            if tuple(len(shape) for shape in shapes) != ranks:
                 raise ValueError(f"unparsed {target} call in HLO: {line.strip()[:200]}")
-            if target in (LINEAR, LINEAR_GELU):
+            if target in _DENSE_FLOPS:
                 (M, K), N = shapes[0], shapes[1][1]
-                total += 2.0 * M * K * N  # the GELU's few FLOPs per element are not matmul FLOPs
-            else:
+                total += _DENSE_FLOPS[target] * M * K * N
+            elif len(ranks) == 2 and ranks[0] == 4:
                 (B, L, H, D), S = shapes[0], shapes[1][1]
                 total += _ATTENTION_FLOPS[target] * B * H * L * S * D
+            else:
+                B, L, _, H, D = shapes[0]
+                total += _ATTENTION_FLOPS[target] * B * H * L * L * D
             continue
         m_out, m_a = _OUT.search(line), _A.search(line)
         if m_out is None or m_a is None:
@@ -297,3 +355,16 @@ def hlo_flops(hlo_text: str) -> float:
         rows = math.prod(out[:-1])
         total += 2.0 * math.prod(out) * (math.prod(a) / rows)
     return total
+
+
+def dense_backward(x: jax.Array, w: jax.Array, dz: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The gradients of x @ w + b for the output cotangent dz, in one call: dx = dz w^T in x's
+    dtype, dW = x^T dz and db = dz summed over rows, both float32. x (M, K), w (K, N) and dz (M, N)
+    share one dtype, float32 or bfloat16."""
+    if not (x.dtype == w.dtype == dz.dtype) or x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise TypeError(f"onednn.dense_backward takes float32 or bfloat16 x, w, dz of one dtype, got {x.dtype}, {w.dtype}, {dz.dtype}")
+    if x.ndim != 2 or w.ndim != 2 or dz.shape != (x.shape[0], w.shape[1]) or x.shape[1] != w.shape[0]:
+        raise ValueError(f"onednn.dense_backward wants x (M, K), w (K, N), dz (M, N); got {x.shape}, {w.shape}, {dz.shape}")
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, jnp.float32),
+           jax.ShapeDtypeStruct(w.shape[1:], jnp.float32))
+    return jax.ffi.ffi_call(DENSE_BWD, out, vmap_method="sequential")(x, w, dz)

@@ -1,7 +1,7 @@
-// XLA:CPU custom calls on oneDNN: a (batched) matmul, fused attention forward
-// and backward, linear layers (bias fused, result in the operands' dtype) and the MLP's linear + GELU
-// with its GELU backward. Plus adaLN (LayerNorm + per-sample modulation) forward and backward in
-// plain C++ with OpenMP (oneDNN's layer normalization has one scale/shift for all rows).
+// XLA:CPU custom calls on oneDNN: a (batched) matmul, fused attention forward and backward (also on
+// the packed q/k/v projection), linear layers (bias fused, result in the operands' dtype), the MLP's
+// linear + GELU with its GELU backward, and a dense layer's whole backward. The memory-bound row
+// kernels (adaLN, column sum, gated residual) are in row_kernels.cc.
 //
 // Matmul.
 //
@@ -27,9 +27,9 @@
 #include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
-namespace ffi = xla::ffi;
+using mmdit::ColumnSumInto;
 
 namespace {
 
@@ -101,18 +101,19 @@ const Entry& Primitive(const Key& key) {
   });
 }
 
-ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, bool transpose_a,
-                  bool transpose_b) {
+// op(a) @ op(b) into `out` (float32 or the operands' dtype); `name` prefixes the error messages.
+ffi::Error RunMatmul(const char* name, ffi::AnyBuffer a, ffi::AnyBuffer b, void* out, ffi::DataType out_type,
+                     bool transpose_a, bool transpose_b) {
   auto a_dims = a.dimensions();
   auto b_dims = b.dimensions();
   if (a.element_type() != b.element_type() ||
       (a.element_type() != ffi::F32 && a.element_type() != ffi::BF16))
-    return ffi::Error::InvalidArgument("onednn_matmul: operands must both be float32 or bfloat16");
-  if (out->element_type() != ffi::F32 && out->element_type() != a.element_type())
-    return ffi::Error::InvalidArgument("onednn_matmul: the result must be float32 or the operands' dtype");
+    return ffi::Error::InvalidArgument(std::string(name) + ": operands must both be float32 or bfloat16");
+  if (out_type != ffi::F32 && out_type != a.element_type())
+    return ffi::Error::InvalidArgument(std::string(name) + ": the result must be float32 or the operands' dtype");
   size_t rank = a_dims.size();
   if (rank < 2 || (b_dims.size() != 2 && b_dims.size() != rank))
-    return ffi::Error::InvalidArgument("onednn_matmul: a must be (..., M, K), b (K, N) or batched like a");
+    return ffi::Error::InvalidArgument(std::string(name) + ": a must be (..., M, K), b (K, N) or batched like a");
   int64_t batch = 1;
   for (size_t i = 0; i + 2 < rank; ++i) batch *= a_dims[i];
   int64_t M = transpose_a ? a_dims[rank - 1] : a_dims[rank - 2];
@@ -120,25 +121,30 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer
   size_t br = b_dims.size();
   int64_t Kb = transpose_b ? b_dims[br - 1] : b_dims[br - 2];
   int64_t N = transpose_b ? b_dims[br - 2] : b_dims[br - 1];
-  if (K != Kb) return ffi::Error::InvalidArgument("onednn_matmul: contraction sizes differ");
+  if (K != Kb) return ffi::Error::InvalidArgument(std::string(name) + ": contraction sizes differ");
   bool b_batched = br == rank && rank > 2;
   try {
     Key key{batch, M, K, N, transpose_a, transpose_b, b_batched, a.element_type() == ffi::BF16,
-            out->element_type() == ffi::BF16};
+            out_type == ffi::BF16};
     const Entry& entry = Primitive(key);
     const auto& pd = entry.pd;
     dnnl::memory a_mem(pd.src_desc(), Engine(), a.untyped_data());
     dnnl::memory b_mem(pd.weights_desc(), Engine(), b.untyped_data());
-    dnnl::memory c_mem(pd.dst_desc(), Engine(), out->untyped_data());
+    dnnl::memory c_mem(pd.dst_desc(), Engine(), out);
     dnnl::stream stream(Engine());
     dnnl::memory scratch = ThreadScratchpad(pd.scratchpad_desc().get_size());
     entry.prim.execute(stream, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem},
                                 {DNNL_ARG_SCRATCHPAD, scratch}});
     stream.wait();
   } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("onednn_matmul: ") + e.what());
+    return ffi::Error::Internal(std::string(name) + ": " + e.what());
   }
   return ffi::Error::Success();
+}
+
+ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, bool transpose_a,
+                  bool transpose_b) {
+  return RunMatmul("onednn_matmul", a, b, out->untyped_data(), out->element_type(), transpose_a, transpose_b);
 }
 
 // ---- fused attention --------------------------------------------------------------------------
@@ -297,6 +303,14 @@ ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, 
   return ffi::Error::Success();
 }
 
+ffi::Error CheckPacked(ffi::AnyBuffer qkv, AttnShape* shape) {
+  auto d = qkv.dimensions();
+  if (d.size() != 5 || d[2] != 3 || (qkv.element_type() != ffi::F32 && qkv.element_type() != ffi::BF16))
+    return ffi::Error::InvalidArgument("onednn_attention_packed: qkv must be (B, L, 3, H, D), float32 or bfloat16");
+  *shape = {d[0], d[1], d[1], d[3], d[4]};
+  return ffi::Error::Success();
+}
+
 // Heads per unit: as many as keep a unit's logits within 256 KiB (one at L = S = 256), dividing
 // the B*H heads, while leaving at least 8 units to share between threads.
 int64_t HeadsPerUnit(const AttnShape& s) {
@@ -331,40 +345,45 @@ void ForEachUnit(const AttnPrims& a, const AttnShape& s, int64_t G, size_t elem,
   if (!error.empty()) throw std::runtime_error(error);
 }
 
-// Copies heads first..first+G-1 (flat b * H + h) of a (B, n, H, D) array to G dense (n, D) blocks
-// (to_dense), or back.
-void CopyHeads(void* strided, const AttnShape& s, int64_t n, int64_t first, int64_t G, size_t elem, char* dense,
+// Where one operand's heads are: a (B, n, H, D) array (slots = 1), or slot `slot` of a packed
+// (B, n, slots, H, D) one, the QKV projection's output (and its gradient) as it is, so no split
+// copies q, k, v out of it and no concatenate packs their gradients back.
+struct HeadView {
+  void* base;
+  int64_t n, slots = 1, slot = 0;
+};
+
+// Copies heads first..first+G-1 (flat b * H + h) of `view` to G dense (n, D) blocks (to_dense),
+// or back.
+void CopyHeads(const HeadView& view, const AttnShape& s, int64_t first, int64_t G, size_t elem, char* dense,
                bool to_dense) {
-  size_t row = s.D * elem, stride = s.H * s.D * elem;
+  size_t row = s.D * elem, stride = view.slots * s.H * s.D * elem;
   for (int64_t g = 0; g < G; ++g) {
     int64_t b = (first + g) / s.H, h = (first + g) % s.H;
-    char* head = static_cast<char*>(strided) + ((b * n * s.H) + h) * s.D * elem;
-    char* block = dense + g * n * row;
-    for (int64_t i = 0; i < n; ++i) {
+    char* head = static_cast<char*>(view.base) + ((b * view.n * view.slots + view.slot) * s.H + h) * s.D * elem;
+    char* block = dense + g * view.n * row;
+    for (int64_t i = 0; i < view.n; ++i) {
       if (to_dense) std::memcpy(block + i * row, head + i * stride, row);
       else std::memcpy(head + i * stride, block + i * row, row);
     }
   }
 }
 
-// What the forward and backward handlers share: checks, primitives, the parallel loop over units,
-// copying each unit's q, k, v into its dense buffers, and turning exceptions into FFI errors.
+// What the forward and backward handlers share: primitives, the parallel loop over units, copying
+// each unit's q, k, v into its dense buffers, and turning exceptions into FFI errors.
 // body(a, G, first, buffers, stream, scratchpad) does the rest of a unit.
 template <typename Body>
-ffi::Error RunAttention(const char* name, bool backward, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                        Body body) {
-  AttnShape s;
-  if (auto err = CheckAttention(q, k, v, &s); !err.success()) return err;
-  bool bf16 = q.element_type() == ffi::BF16;
+ffi::Error RunAttention(const char* name, bool backward, const AttnShape& s, bool bf16, const HeadView& q,
+                        const HeadView& k, const HeadView& v, Body body) {
   size_t elem = bf16 ? 2 : 4;
   try {
     int64_t G = HeadsPerUnit(s);
     const AttnPrims& a = AttentionPrimitives({G, s.L, s.S, s.D, bf16, backward});
     ForEachUnit(a, s, G, elem, backward, [&](int64_t first, ThreadBuffers& buf, dnnl::stream& stream, dnnl::memory& scratch) {
-      CopyHeads(q.untyped_data(), s, s.L, first, G, elem, buf.q.data(), true);
-      CopyHeads(k.untyped_data(), s, s.S, first, G, elem, buf.k.data(), true);
-      CopyHeads(v.untyped_data(), s, s.S, first, G, elem, buf.v.data(), true);
-      body(a, s, G, first, buf, stream, scratch);
+      CopyHeads(q, s, first, G, elem, buf.q.data(), true);
+      CopyHeads(k, s, first, G, elem, buf.k.data(), true);
+      CopyHeads(v, s, first, G, elem, buf.v.data(), true);
+      body(a, G, first, buf, stream, scratch);
     });
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string(name) + ": " + e.what());
@@ -372,33 +391,31 @@ ffi::Error RunAttention(const char* name, bool backward, ffi::AnyBuffer q, ffi::
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o) {
-  size_t elem = q.element_type() == ffi::BF16 ? 2 : 4;
+ffi::Error RunAttentionForward(const char* name, const AttnShape& s, bool bf16, const HeadView& q,
+                               const HeadView& k, const HeadView& v, const HeadView& o) {
+  size_t elem = bf16 ? 2 : 4;
   auto& eng = Engine();
-  return RunAttention("onednn_attention_fwd", false, q, k, v,
-      [&](const AttnPrims& a, const AttnShape& s, int64_t G, int64_t first, ThreadBuffers& buf, dnnl::stream& stream,
+  return RunAttention(name, false, s, bf16, q, k, v,
+      [&](const AttnPrims& a, int64_t G, int64_t first, ThreadBuffers& buf, dnnl::stream& stream,
           dnnl::memory& scratch) {
     dnnl::memory qm(a.q, eng, buf.q.data()), km(a.k_t, eng, buf.k.data()), vm(a.v, eng, buf.v.data());
     dnnl::memory om(a.o, eng, buf.out_q.data()), sm(a.s32, eng, buf.s32.data()), pm(a.p, eng, buf.p.data());
     a.qk.execute(stream, {{DNNL_ARG_SRC, qm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, sm}, {DNNL_ARG_SCRATCHPAD, scratch}});
     a.softmax.execute(stream, {{DNNL_ARG_SRC, sm}, {DNNL_ARG_DST, pm}, {DNNL_ARG_SCRATCHPAD, scratch}});
     a.pv.execute(stream, {{DNNL_ARG_SRC, pm}, {DNNL_ARG_WEIGHTS, vm}, {DNNL_ARG_DST, om}, {DNNL_ARG_SCRATCHPAD, scratch}});
-    CopyHeads(o->untyped_data(), s, s.L, first, G, elem, buf.out_q.data(), false);
+    CopyHeads(o, s, first, G, elem, buf.out_q.data(), false);
   });
 }
 
-ffi::Error AttentionBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer d_o,
-                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                             ffi::Result<ffi::AnyBuffer> dv) {
-  if (d_o.element_type() != q.element_type() || d_o.dimensions().size() != 4)
-    return ffi::Error::InvalidArgument("onednn_attention_bwd: do must be like q");
-  bool bf16 = q.element_type() == ffi::BF16;
+ffi::Error RunAttentionBackward(const char* name, const AttnShape& s, bool bf16, const HeadView& q,
+                                const HeadView& k, const HeadView& v, const HeadView& d_o, const HeadView& dq,
+                                const HeadView& dk, const HeadView& dv) {
   size_t elem = bf16 ? 2 : 4;
   auto& eng = Engine();
-  return RunAttention("onednn_attention_bwd", true, q, k, v,
-      [&](const AttnPrims& a, const AttnShape& s, int64_t G, int64_t first, ThreadBuffers& buf, dnnl::stream& stream,
+  return RunAttention(name, true, s, bf16, q, k, v,
+      [&](const AttnPrims& a, int64_t G, int64_t first, ThreadBuffers& buf, dnnl::stream& stream,
           dnnl::memory& scratch) {
-    CopyHeads(d_o.untyped_data(), s, s.L, first, G, elem, buf.d_o.data(), true);
+    CopyHeads(d_o, s, first, G, elem, buf.d_o.data(), true);
     dnnl::memory qm(a.q, eng, buf.q.data()), ktm(a.k_t, eng, buf.k.data()), km(a.k, eng, buf.k.data());
     dnnl::memory vtm(a.v_t, eng, buf.v.data()), dom(a.o, eng, buf.d_o.data());
     dnnl::memory dqm(a.q, eng, buf.out_q.data()), dkm(a.k, eng, buf.out_k.data()), dvm(a.v, eng, buf.out_v.data());
@@ -417,10 +434,50 @@ ffi::Error AttentionBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer 
     a.softmax_bwd.execute(stream, {{DNNL_ARG_DST, p32}, {DNNL_ARG_DIFF_DST, dp32}, {DNNL_ARG_DIFF_SRC, dsm}, {DNNL_ARG_SCRATCHPAD, scratch}});
     a.dq.execute(stream, {{DNNL_ARG_SRC, dsm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, dqm}, {DNNL_ARG_SCRATCHPAD, scratch}});
     a.dk.execute(stream, {{DNNL_ARG_SRC, dstm}, {DNNL_ARG_WEIGHTS, qm}, {DNNL_ARG_DST, dkm}, {DNNL_ARG_SCRATCHPAD, scratch}});
-    CopyHeads(dq->untyped_data(), s, s.L, first, G, elem, buf.out_q.data(), false);
-    CopyHeads(dk->untyped_data(), s, s.S, first, G, elem, buf.out_k.data(), false);
-    CopyHeads(dv->untyped_data(), s, s.S, first, G, elem, buf.out_v.data(), false);
+    CopyHeads(dq, s, first, G, elem, buf.out_q.data(), false);
+    CopyHeads(dk, s, first, G, elem, buf.out_k.data(), false);
+    CopyHeads(dv, s, first, G, elem, buf.out_v.data(), false);
   });
+}
+
+ffi::Error AttentionForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o) {
+  AttnShape s;
+  if (auto err = CheckAttention(q, k, v, &s); !err.success()) return err;
+  return RunAttentionForward("onednn_attention_fwd", s, q.element_type() == ffi::BF16, {q.untyped_data(), s.L},
+                             {k.untyped_data(), s.S}, {v.untyped_data(), s.S}, {o->untyped_data(), s.L});
+}
+
+ffi::Error AttentionBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer d_o,
+                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                             ffi::Result<ffi::AnyBuffer> dv) {
+  AttnShape s;
+  if (auto err = CheckAttention(q, k, v, &s); !err.success()) return err;
+  if (d_o.element_type() != q.element_type() || d_o.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("onednn_attention_bwd: do must be like q");
+  return RunAttentionBackward("onednn_attention_bwd", s, q.element_type() == ffi::BF16, {q.untyped_data(), s.L},
+                              {k.untyped_data(), s.S}, {v.untyped_data(), s.S}, {d_o.untyped_data(), s.L},
+                              {dq->untyped_data(), s.L}, {dk->untyped_data(), s.S}, {dv->untyped_data(), s.S});
+}
+
+// Self-attention on the packed projection: qkv (B, L, 3, H, D) -> o (B, L, H, D), and the
+// backward's dqkv like qkv.
+ffi::Error AttentionPackedForward(ffi::AnyBuffer qkv, ffi::Result<ffi::AnyBuffer> o) {
+  AttnShape s;
+  if (auto err = CheckPacked(qkv, &s); !err.success()) return err;
+  void* p = qkv.untyped_data();
+  return RunAttentionForward("onednn_attention_packed_fwd", s, qkv.element_type() == ffi::BF16, {p, s.L, 3, 0},
+                             {p, s.L, 3, 1}, {p, s.L, 3, 2}, {o->untyped_data(), s.L});
+}
+
+ffi::Error AttentionPackedBackward(ffi::AnyBuffer qkv, ffi::AnyBuffer d_o, ffi::Result<ffi::AnyBuffer> dqkv) {
+  AttnShape s;
+  if (auto err = CheckPacked(qkv, &s); !err.success()) return err;
+  if (d_o.element_type() != qkv.element_type() || d_o.element_count() * 3 != qkv.element_count())
+    return ffi::Error::InvalidArgument("onednn_attention_packed_bwd: do must be (B, L, H, D) in qkv's dtype");
+  void *p = qkv.untyped_data(), *d = dqkv->untyped_data();
+  return RunAttentionBackward("onednn_attention_packed_bwd", s, qkv.element_type() == ffi::BF16, {p, s.L, 3, 0},
+                              {p, s.L, 3, 1}, {p, s.L, 3, 2}, {d_o.untyped_data(), s.L}, {d, s.L, 3, 0},
+                              {d, s.L, 3, 1}, {d, s.L, 3, 2});
 }
 
 // ---- linear, linear + GELU -------------------------------------------------------------------
@@ -527,206 +584,26 @@ ffi::Error GeluBackward(ffi::AnyBuffer z, ffi::AnyBuffer g, ffi::Result<ffi::Any
   return ffi::Error::Success();
 }
 
-// ---- adaLN: LayerNorm(x) * (1 + scale) + shift --------------------------------------------------
-// x (B, L, D) float32 (the residual stream), shift and scale (B, D) float32, h (B, L, D) float32 or
-// bfloat16. Why a kernel: XLA:CPU splits the forward into a float32 statistics pass and a
-// normalise/modulate/convert pass, and autodiff's backward into separate reductions over D (two
-// per row) and over L (the shift/scale gradients) plus converts, each a pass over (B, L, D) arrays.
-// Here a row (D values, a few KiB) is read once into L1 and everything is done from there: the
-// forward reads x and writes h; the backward reads x and dh and writes dx, accumulating the
-// shift/scale gradients of its sample in registers/L1. Statistics are two-pass in float32 (mean,
-// then the mean square of x - mean), as XLA's reference computes them; nothing is saved for the
-// backward, which recomputes them from x (cheaper than writing and reading them back).
-// Samples are split over OpenMP threads, so the (B, D) gradients need no atomics.
-
-inline float Bf16ToF32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t F32ToBf16(float f) {  // round to nearest even, as XLA's convert; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet_nan = (u >> 16) | 0x40u;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);  // a select: vectorises
-}
-
-// mean and 1/sqrt(var + eps) of one row.
-inline void RowStats(const float* x, int64_t D, float eps, float* mean, float* rstd) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < D; ++i) sum += x[i];
-  float mu = sum / static_cast<float>(D), sq = 0.f;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t i = 0; i < D; ++i) sq += (x[i] - mu) * (x[i] - mu);
-  *mean = mu;
-  *rstd = 1.0f / std::sqrt(sq / static_cast<float>(D) + eps);
-}
-
-// Row kernels are built for AVX-512, AVX2 and the x86-64 baseline and picked at load time (the
-// library is compiled without -march: one build serves any x86-64 machine sharing the cache).
-#if defined(__x86_64__)
-#define MMDIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MMDIT_CLONES
-#endif
-
-// h = LayerNorm(x) * (1 + scale) + shift for one row, in float32 or (h16) bf16.
-MMDIT_CLONES
-void AdaLnRowForward(const float* x, const float* shift, const float* scale, int64_t D, float eps, float* h32,
-                     uint16_t* h16) {
-  float mu, rstd;
-  RowStats(x, D, eps, &mu, &rstd);
-  if (h16 != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) h16[i] = F32ToBf16((x[i] - mu) * rstd * (1.0f + scale[i]) + shift[i]);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) h32[i] = (x[i] - mu) * rstd * (1.0f + scale[i]) + shift[i];
-  }
-}
-
-// One row of the backward: dx from x and d (dh in float32), accumulating into dshift and dscale;
-// xhat and gs are D floats of scratch.
-MMDIT_CLONES
-void AdaLnRowBackward(const float* x, const float* d, const float* scale, int64_t D, float eps, float* dx,
-                      float* dshift, float* dscale, float* xhat, float* gs) {
-  float mu, rstd;
-  RowStats(x, D, eps, &mu, &rstd);
-  float sum_g = 0.f, sum_gx = 0.f;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-  for (int64_t i = 0; i < D; ++i) {
-    float xh = (x[i] - mu) * rstd;
-    dshift[i] += d[i];
-    dscale[i] += d[i] * xh;
-    float gi = d[i] * (1.0f + scale[i]);
-    xhat[i] = xh;
-    gs[i] = gi;
-    sum_g += gi;
-    sum_gx += gi * xh;
-  }
-  float mean_g = sum_g / static_cast<float>(D), mean_gx = sum_gx / static_cast<float>(D);
-#pragma omp simd
-  for (int64_t i = 0; i < D; ++i) dx[i] = rstd * (gs[i] - mean_g - xhat[i] * mean_gx);
-}
-
-MMDIT_CLONES
-void Bf16RowToF32(const uint16_t* v, int64_t D, float* out) {
-#pragma omp simd
-  for (int64_t i = 0; i < D; ++i) out[i] = Bf16ToF32(v[i]);
-}
-
-ffi::Error CheckAdaLn(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, int64_t* B,
-                      int64_t* L, int64_t* D) {
-  auto xd = x.dimensions(), sd = scale.dimensions();
-  if (xd.size() != 3 || sd.size() != 2 || sd[0] != xd[0] || sd[1] != xd[2])
-    return ffi::Error::InvalidArgument(std::string(name) + ": wants x (B, L, D) and shift, scale (B, D)");
-  *B = xd[0], *L = xd[1], *D = xd[2];
-  return ffi::Error::Success();
-}
-
-ffi::Error AdaLnForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> shift, ffi::Buffer<ffi::F32> scale,
-                        ffi::Result<ffi::AnyBuffer> h, float eps) {
-  int64_t B, L, D;
-  if (auto err = CheckAdaLn("adaln_fwd", x, scale, &B, &L, &D); !err.success()) return err;
-  if (shift.dimensions().size() != 2 || shift.element_count() != scale.element_count() ||
-      h->element_count() != x.element_count() || (h->element_type() != ffi::F32 && h->element_type() != ffi::BF16))
-    return ffi::Error::InvalidArgument("adaln_fwd: shift must be like scale, h like x in float32 or bfloat16");
-  bool bf16 = h->element_type() == ffi::BF16;
-  const float *xs = x.typed_data(), *sh = shift.typed_data(), *sc = scale.typed_data();
-  void* out = h->untyped_data();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < B * L; ++r) {
-    const float* xr = xs + r * D;
-    const float *shb = sh + (r / L) * D, *scb = sc + (r / L) * D;
-    if (bf16) AdaLnRowForward(xr, shb, scb, D, eps, nullptr, static_cast<uint16_t*>(out) + r * D);
-    else AdaLnRowForward(xr, shb, scb, D, eps, static_cast<float*>(out) + r * D, nullptr);
-  }
-  return ffi::Error::Success();
-}
-
-// dh (B, L, D) float32 or bfloat16 -> dx (B, L, D), dshift and dscale (B, D), all float32.
-ffi::Error AdaLnBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dh,
-                         ffi::Result<ffi::Buffer<ffi::F32>> dx, ffi::Result<ffi::Buffer<ffi::F32>> dshift,
-                         ffi::Result<ffi::Buffer<ffi::F32>> dscale, float eps) {
-  int64_t B, L, D;
-  if (auto err = CheckAdaLn("adaln_bwd", x, scale, &B, &L, &D); !err.success()) return err;
-  if (dh.element_count() != x.element_count() || (dh.element_type() != ffi::F32 && dh.element_type() != ffi::BF16))
-    return ffi::Error::InvalidArgument("adaln_bwd: dh must be like x, in float32 or bfloat16");
-  bool bf16 = dh.element_type() == ffi::BF16;
-  const float *xs = x.typed_data(), *sc = scale.typed_data();
-  const void* g = dh.untyped_data();
-  float *dxs = dx->typed_data(), *dsh = dshift->typed_data(), *dsc = dscale->typed_data();
-#pragma omp parallel
-  {
-    std::vector<float> xhat(D), gs(D), d32(D);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      const float* scb = sc + b * D;
-      float *dshb = dsh + b * D, *dscb = dsc + b * D;
-      std::fill(dshb, dshb + D, 0.f);
-      std::fill(dscb, dscb + D, 0.f);
-      for (int64_t l = 0; l < L; ++l) {
-        int64_t r = b * L + l;
-        const float* xr = xs + r * D;
-        const float* d = static_cast<const float*>(g) + r * D;
-        if (bf16) {
-          Bf16RowToF32(static_cast<const uint16_t*>(g) + r * D, D, d32.data());
-          d = d32.data();
-        }
-        AdaLnRowBackward(xr, d, scb, D, eps, dxs + r * D, dshb, dscb, xhat.data(), gs.data());
-      }
-    }
-  }
-  return ffi::Error::Success();
-}
-
-// ---- column sum (the dense layers' bias gradient) ---------------------------------------------
-// db = sum over rows of dz (M, N), float32 or bfloat16 -> (N) float32. oneDNN ran it as a ones-row
-// matmul (a 1 x M by M x N gemv) at 5-6 GFLOP/s, ~5 ms per DiT-S/2 MLP layer at batch 32: a
-// memory-bound sum needs one read of dz. Each thread adds a contiguous block of rows into its own
-// N floats (rows are read in order, so the hardware prefetcher streams them), then the blocks'
-// sums are added in thread order (deterministic for a given thread count).
-
-MMDIT_CLONES
-void AddRow(const float* row, int64_t N, float* acc) {
-#pragma omp simd
-  for (int64_t i = 0; i < N; ++i) acc[i] += row[i];
-}
-
-MMDIT_CLONES
-void AddRowBf16(const uint16_t* row, int64_t N, float* acc) {
-#pragma omp simd
-  for (int64_t i = 0; i < N; ++i) acc[i] += Bf16ToF32(row[i]);
-}
-
-ffi::Error ColumnSum(ffi::AnyBuffer z, ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  auto zd = z.dimensions();
-  if (zd.size() != 2 || (z.element_type() != ffi::F32 && z.element_type() != ffi::BF16) ||
-      out->element_count() != static_cast<size_t>(zd[1]))
-    return ffi::Error::InvalidArgument("column_sum: wants z (M, N), float32 or bfloat16, and a (N) result");
-  int64_t M = zd[0], N = zd[1];
-  bool bf16 = z.element_type() == ffi::BF16;
-  int threads = std::max(1, omp_get_max_threads());
-  std::vector<float> partial(static_cast<size_t>(threads) * N, 0.f);
-#pragma omp parallel num_threads(threads)
-  {
-    int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    float* acc = partial.data() + static_cast<size_t>(t) * N;
-    for (int64_t r = M * t / nt; r < M * (t + 1) / nt; ++r) {
-      if (bf16) AddRowBf16(static_cast<const uint16_t*>(z.untyped_data()) + r * N, N, acc);
-      else AddRow(static_cast<const float*>(z.untyped_data()) + r * N, N, acc);
-    }
-  }
-  float* db = out->typed_data();
-  std::fill(db, db + N, 0.f);
-  for (int t = 0; t < threads; ++t) AddRow(partial.data() + static_cast<size_t>(t) * N, N, db);
-  return ffi::Error::Success();
+// ---- dense layer backward ---------------------------------------------------------------------
+// x (M, K), w (K, N), dz (M, N) -> dx = dz w^T (x's dtype), dW = x^T dz and db = sum_rows dz (both
+// float32), one after another in one call. As three custom calls XLA ran them concurrently (they
+// share only dz), each oneDNN/OpenMP call with a team as wide as the machine: on 2 cores the weight
+// gradient beside the column sum ran at half its solo speed, and small ops queued behind them for a
+// scheduler slice (a (128, 1152) column sum took 8 ms).
+ffi::Error DenseBackward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dz, ffi::Result<ffi::AnyBuffer> dx,
+                         ffi::Result<ffi::Buffer<ffi::F32>> dw, ffi::Result<ffi::Buffer<ffi::F32>> db) {
+  auto xd = x.dimensions(), wd = w.dimensions(), zd = dz.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || zd.size() != 2 || xd[0] != zd[0] || xd[1] != wd[0] ||
+      wd[1] != zd[1] || dz.element_type() != x.element_type() || db->element_count() != static_cast<size_t>(zd[1]))
+    return ffi::Error::InvalidArgument("dense_bwd: wants x (M, K), w (K, N), dz (M, N) like x, db (N)");
+  if (auto err = RunMatmul("dense_bwd", dz, w, dx->untyped_data(), dx->element_type(), false, true); !err.success())
+    return err;
+  ColumnSumInto(dz.untyped_data(), dz.element_type() == ffi::BF16, zd[0], zd[1], db->typed_data());
+  return RunMatmul("dense_bwd", x, dz, dw->typed_data(), ffi::F32, true, false);
 }
 
 }  // namespace
+
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnLinear, Linear,
                               ffi::Ffi::Bind()
@@ -774,23 +651,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionBwd, AttentionBackward,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditAdaLnFwd, AdaLnForward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditDenseBwd, DenseBackward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("eps"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditAdaLnBwd, AdaLnBackward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("eps"));
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditColumnSum, ColumnSum,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionPackedFwd, AttentionPackedForward,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionPackedBwd, AttentionPackedBackward,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());

@@ -9,15 +9,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_mmdit.models.config import ModelConfig
+from jax_mmdit.models.attention import QKV
 from jax_mmdit.models.layers import (
-    QKV,
     FinalLayer,
     LabelEmbedder,
     Mlp,
     Modulation,
     PatchEmbed,
     TimestepEmbedder,
-    attention,
+    gated_residual,
     linear,
     ln_modulate,
     make_pos_embed,
@@ -41,13 +41,13 @@ class DiTBlock(nnx.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c_BxD)
 
         h_NxD = ln_modulate(x_BxLxD, shift_a, scale_a, self.dtype).reshape(B * L, D)
-        o_BxLxD = attention(*self.attn(h_NxD, B), self.attention_impl)
+        o_BxLxD = self.attn.self_attention(h_NxD, B, self.attention_impl)
         a_NxD = self.attn_out(o_BxLxD.reshape(B * L, D))
-        x_BxLxD = x_BxLxD + gate_a[:, None, :] * a_NxD.reshape(B, L, D)
+        x_BxLxD = gated_residual(x_BxLxD, gate_a, a_NxD.reshape(B, L, D))
 
         h_NxD = ln_modulate(x_BxLxD, shift_m, scale_m, self.dtype).reshape(B * L, D)
         m_NxD = self.mlp(h_NxD)
-        return x_BxLxD + gate_m[:, None, :] * m_NxD.reshape(B, L, D)
+        return gated_residual(x_BxLxD, gate_m, m_NxD.reshape(B, L, D))
 
 
 def check_inputs(cfg: ModelConfig, x_BxHxWxC: jax.Array, t_B: jax.Array) -> None:

@@ -20,8 +20,8 @@ from flax import nnx
 
 from jax_mmdit.models.config import ModelConfig
 from jax_mmdit.models.dit import check_inputs, check_labels
+from jax_mmdit.models.attention import QKV, attention
 from jax_mmdit.models.layers import (
-    QKV,
     FinalLayer,
     LabelEmbedder,
     Mlp,
@@ -29,7 +29,7 @@ from jax_mmdit.models.layers import (
     Modulation,
     PatchEmbed,
     TimestepEmbedder,
-    attention,
+    gated_residual,
     linear,
     ln_modulate,
     make_pos_embed,
@@ -76,16 +76,16 @@ class MMDiTBlock(nnx.Module):
         )
 
         ax_NxD = self.x_attn_out(o_BxSxD[:, :L].reshape(B * L, D))
-        x_BxLxD = x_BxLxD + x_gate_a[:, None, :] * ax_NxD.reshape(B, L, D)
+        x_BxLxD = gated_residual(x_BxLxD, x_gate_a, ax_NxD.reshape(B, L, D))
         hx_NxD = ln_modulate(x_BxLxD, x_shift_m, x_scale_m, self.dtype).reshape(B * L, D)
-        x_BxLxD = x_BxLxD + x_gate_m[:, None, :] * self.x_mlp(hx_NxD).reshape(B, L, D)
+        x_BxLxD = gated_residual(x_BxLxD, x_gate_m, self.x_mlp(hx_NxD).reshape(B, L, D))
         if self.pre_only:
             return x_BxLxD, None
 
         ac_MxD = self.c_attn_out(o_BxSxD[:, L:].reshape(B * T, D))
-        ctx_BxTxD = ctx_BxTxD + c_gate_a[:, None, :] * ac_MxD.reshape(B, T, D)
+        ctx_BxTxD = gated_residual(ctx_BxTxD, c_gate_a, ac_MxD.reshape(B, T, D))
         hc_MxD = ln_modulate(ctx_BxTxD, c_shift_m, c_scale_m, self.dtype).reshape(B * T, D)
-        ctx_BxTxD = ctx_BxTxD + c_gate_m[:, None, :] * self.c_mlp(hc_MxD).reshape(B, T, D)
+        ctx_BxTxD = gated_residual(ctx_BxTxD, c_gate_m, self.c_mlp(hc_MxD).reshape(B, T, D))
         return x_BxLxD, ctx_BxTxD
 
 

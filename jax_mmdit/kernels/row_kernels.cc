@@ -1,0 +1,305 @@
+// Memory-bound kernels in plain C++ with OpenMP (one pass over rows, vectorised per row): adaLN
+// (LayerNorm + per-sample modulation; oneDNN's layer normalization has one scale/shift for all
+// rows) forward and backward, the column sum of the dense layers' bias gradient, and the gated
+// residual's backward.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <omp.h>
+
+#include "common.h"
+
+namespace mmdit {
+
+namespace {
+
+inline float Bf16ToF32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t F32ToBf16(float f) {  // round to nearest even, as XLA's convert; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet_nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);  // a select: vectorises
+}
+
+// Row kernels are built for AVX-512, AVX2 and the x86-64 baseline and picked at load time (the
+// library is compiled without -march: one build serves any x86-64 machine sharing the cache).
+#if defined(__x86_64__)
+#define MMDIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MMDIT_CLONES
+#endif
+
+// ---- adaLN: LayerNorm(x) * (1 + scale) + shift --------------------------------------------------
+// x (B, L, D) float32 (the residual stream), shift and scale (B, D) float32, h (B, L, D) float32 or
+// bfloat16. Why a kernel: XLA:CPU splits the forward into a float32 statistics pass and a
+// normalise/modulate/convert pass, and autodiff's backward into separate reductions over D (two
+// per row) and over L (the shift/scale gradients) plus converts, each a pass over (B, L, D) arrays.
+// Here a row (D values, a few KiB) is read once into L1 and everything is done from there: the
+// forward reads x and writes h; the backward reads x and dh and writes dx, accumulating the
+// shift/scale gradients of its sample in registers/L1. Statistics are two-pass in float32 (mean,
+// then the mean square of x - mean), as XLA's reference computes them; nothing is saved for the
+// backward, which recomputes them from x (cheaper than writing and reading them back).
+// Samples are split over OpenMP threads, so the (B, D) gradients need no atomics.
+
+// mean and 1/sqrt(var + eps) of one row.
+inline void RowStats(const float* x, int64_t D, float eps, float* mean, float* rstd) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < D; ++i) sum += x[i];
+  float mu = sum / static_cast<float>(D), sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t i = 0; i < D; ++i) sq += (x[i] - mu) * (x[i] - mu);
+  *mean = mu;
+  *rstd = 1.0f / std::sqrt(sq / static_cast<float>(D) + eps);
+}
+
+// h = LayerNorm(x) * (1 + scale) + shift for one row, in float32 or (h16) bf16.
+MMDIT_CLONES
+void AdaLnRowForward(const float* x, const float* shift, const float* scale, int64_t D, float eps, float* h32,
+                     uint16_t* h16) {
+  float mu, rstd;
+  RowStats(x, D, eps, &mu, &rstd);
+  if (h16 != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) h16[i] = F32ToBf16((x[i] - mu) * rstd * (1.0f + scale[i]) + shift[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) h32[i] = (x[i] - mu) * rstd * (1.0f + scale[i]) + shift[i];
+  }
+}
+
+// One row of the backward: dx from x and d (dh in float32), accumulating into dshift and dscale;
+// xhat and gs are D floats of scratch.
+MMDIT_CLONES
+void AdaLnRowBackward(const float* x, const float* d, const float* scale, int64_t D, float eps, float* dx,
+                      float* dshift, float* dscale, float* xhat, float* gs) {
+  float mu, rstd;
+  RowStats(x, D, eps, &mu, &rstd);
+  float sum_g = 0.f, sum_gx = 0.f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+  for (int64_t i = 0; i < D; ++i) {
+    float xh = (x[i] - mu) * rstd;
+    dshift[i] += d[i];
+    dscale[i] += d[i] * xh;
+    float gi = d[i] * (1.0f + scale[i]);
+    xhat[i] = xh;
+    gs[i] = gi;
+    sum_g += gi;
+    sum_gx += gi * xh;
+  }
+  float mean_g = sum_g / static_cast<float>(D), mean_gx = sum_gx / static_cast<float>(D);
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) dx[i] = rstd * (gs[i] - mean_g - xhat[i] * mean_gx);
+}
+
+MMDIT_CLONES
+void Bf16RowToF32(const uint16_t* v, int64_t D, float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) out[i] = Bf16ToF32(v[i]);
+}
+
+ffi::Error CheckAdaLn(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, int64_t* B,
+                      int64_t* L, int64_t* D) {
+  auto xd = x.dimensions(), sd = scale.dimensions();
+  if (xd.size() != 3 || sd.size() != 2 || sd[0] != xd[0] || sd[1] != xd[2])
+    return ffi::Error::InvalidArgument(std::string(name) + ": wants x (B, L, D) and shift, scale (B, D)");
+  *B = xd[0], *L = xd[1], *D = xd[2];
+  return ffi::Error::Success();
+}
+
+ffi::Error AdaLnForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> shift, ffi::Buffer<ffi::F32> scale,
+                        ffi::Result<ffi::AnyBuffer> h, float eps) {
+  int64_t B, L, D;
+  if (auto err = CheckAdaLn("adaln_fwd", x, scale, &B, &L, &D); !err.success()) return err;
+  if (shift.dimensions().size() != 2 || shift.element_count() != scale.element_count() ||
+      h->element_count() != x.element_count() || (h->element_type() != ffi::F32 && h->element_type() != ffi::BF16))
+    return ffi::Error::InvalidArgument("adaln_fwd: shift must be like scale, h like x in float32 or bfloat16");
+  bool bf16 = h->element_type() == ffi::BF16;
+  const float *xs = x.typed_data(), *sh = shift.typed_data(), *sc = scale.typed_data();
+  void* out = h->untyped_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < B * L; ++r) {
+    const float* xr = xs + r * D;
+    const float *shb = sh + (r / L) * D, *scb = sc + (r / L) * D;
+    if (bf16) AdaLnRowForward(xr, shb, scb, D, eps, nullptr, static_cast<uint16_t*>(out) + r * D);
+    else AdaLnRowForward(xr, shb, scb, D, eps, static_cast<float*>(out) + r * D, nullptr);
+  }
+  return ffi::Error::Success();
+}
+
+// dh (B, L, D) float32 or bfloat16 -> dx (B, L, D), dshift and dscale (B, D), all float32.
+ffi::Error AdaLnBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dh,
+                         ffi::Result<ffi::Buffer<ffi::F32>> dx, ffi::Result<ffi::Buffer<ffi::F32>> dshift,
+                         ffi::Result<ffi::Buffer<ffi::F32>> dscale, float eps) {
+  int64_t B, L, D;
+  if (auto err = CheckAdaLn("adaln_bwd", x, scale, &B, &L, &D); !err.success()) return err;
+  if (dh.element_count() != x.element_count() || (dh.element_type() != ffi::F32 && dh.element_type() != ffi::BF16))
+    return ffi::Error::InvalidArgument("adaln_bwd: dh must be like x, in float32 or bfloat16");
+  bool bf16 = dh.element_type() == ffi::BF16;
+  const float *xs = x.typed_data(), *sc = scale.typed_data();
+  const void* g = dh.untyped_data();
+  float *dxs = dx->typed_data(), *dsh = dshift->typed_data(), *dsc = dscale->typed_data();
+#pragma omp parallel
+  {
+    std::vector<float> xhat(D), gs(D), d32(D);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const float* scb = sc + b * D;
+      float *dshb = dsh + b * D, *dscb = dsc + b * D;
+      std::fill(dshb, dshb + D, 0.f);
+      std::fill(dscb, dscb + D, 0.f);
+      for (int64_t l = 0; l < L; ++l) {
+        int64_t r = b * L + l;
+        const float* xr = xs + r * D;
+        const float* d = static_cast<const float*>(g) + r * D;
+        if (bf16) {
+          Bf16RowToF32(static_cast<const uint16_t*>(g) + r * D, D, d32.data());
+          d = d32.data();
+        }
+        AdaLnRowBackward(xr, d, scb, D, eps, dxs + r * D, dshb, dscb, xhat.data(), gs.data());
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// ---- column sum (the dense layers' bias gradient) ---------------------------------------------
+// db = sum over rows of dz (M, N), float32 or bfloat16 -> (N) float32. oneDNN ran it as a ones-row
+// matmul (a 1 x M by M x N gemv) at 5-6 GFLOP/s, ~5 ms per DiT-S/2 MLP layer at batch 32: a
+// memory-bound sum needs one read of dz. Each thread adds a contiguous block of rows into its own
+// N floats (rows are read in order, so the hardware prefetcher streams them), then the blocks'
+// sums are added in thread order (deterministic for a given thread count).
+
+MMDIT_CLONES
+void AddRow(const float* row, int64_t N, float* acc) {
+#pragma omp simd
+  for (int64_t i = 0; i < N; ++i) acc[i] += row[i];
+}
+
+MMDIT_CLONES
+void AddRowBf16(const uint16_t* row, int64_t N, float* acc) {
+#pragma omp simd
+  for (int64_t i = 0; i < N; ++i) acc[i] += Bf16ToF32(row[i]);
+}
+
+ffi::Error ColumnSum(ffi::AnyBuffer z, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  auto zd = z.dimensions();
+  if (zd.size() != 2 || (z.element_type() != ffi::F32 && z.element_type() != ffi::BF16) ||
+      out->element_count() != static_cast<size_t>(zd[1]))
+    return ffi::Error::InvalidArgument("column_sum: wants z (M, N), float32 or bfloat16, and a (N) result");
+  ColumnSumInto(z.untyped_data(), z.element_type() == ffi::BF16, zd[0], zd[1], out->typed_data());
+  return ffi::Error::Success();
+}
+
+// ---- gated residual backward -----------------------------------------------------------------
+// y = x + gate * a (adaLN-Zero's gated branch added to the float32 residual stream; gate (B, D)
+// float32, a (B, L, D) float32 or bfloat16): for the cotangent dy (float32) da = gate * dy in a's
+// dtype and dgate = sum over L of dy * a, both from one read of dy and a (dx is dy itself). XLA ran
+// da and dgate as two passes over dy, the reduction over L on one thread.
+
+MMDIT_CLONES
+void GatedRowBackward(const float* gate, const float* a32, const uint16_t* a16, const float* dy, int64_t D,
+                      float* da32, uint16_t* da16, float* dgate) {
+  if (a16 != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) {
+      da16[i] = F32ToBf16(gate[i] * dy[i]);
+      dgate[i] += dy[i] * Bf16ToF32(a16[i]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) {
+      da32[i] = gate[i] * dy[i];
+      dgate[i] += dy[i] * a32[i];
+    }
+  }
+}
+
+ffi::Error GatedResidualBackward(ffi::Buffer<ffi::F32> gate, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> dy,
+                                 ffi::Result<ffi::AnyBuffer> da, ffi::Result<ffi::Buffer<ffi::F32>> dgate) {
+  auto ad = a.dimensions(), gd = gate.dimensions();
+  if (ad.size() != 3 || gd.size() != 2 || gd[0] != ad[0] || gd[1] != ad[2] ||
+      dy.element_count() != a.element_count() || da->element_type() != a.element_type() ||
+      (a.element_type() != ffi::F32 && a.element_type() != ffi::BF16))
+    return ffi::Error::InvalidArgument(
+        "gated_residual_bwd: wants gate (B, D), a (B, L, D) float32 or bfloat16, dy (B, L, D) float32");
+  int64_t B = ad[0], L = ad[1], D = ad[2];
+  bool bf16 = a.element_type() == ffi::BF16;
+  const float *g = gate.typed_data(), *dys = dy.typed_data();
+  float* dg = dgate->typed_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    float* dgb = dg + b * D;
+    std::fill(dgb, dgb + D, 0.f);
+    for (int64_t l = 0; l < L; ++l) {
+      int64_t r = (b * L + l) * D;
+      if (bf16)
+        GatedRowBackward(g + b * D, nullptr, static_cast<const uint16_t*>(a.untyped_data()) + r, dys + r, D, nullptr,
+                         static_cast<uint16_t*>(da->untyped_data()) + r, dgb);
+      else
+        GatedRowBackward(g + b * D, static_cast<const float*>(a.untyped_data()) + r, nullptr, dys + r, D,
+                         static_cast<float*>(da->untyped_data()) + r, nullptr, dgb);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+void ColumnSumInto(const void* z, bool bf16, int64_t M, int64_t N, float* db) {
+  int threads = std::max(1, omp_get_max_threads());
+  std::vector<float> partial(static_cast<size_t>(threads) * N, 0.f);
+#pragma omp parallel num_threads(threads)
+  {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    float* acc = partial.data() + static_cast<size_t>(t) * N;
+    for (int64_t r = M * t / nt; r < M * (t + 1) / nt; ++r) {
+      if (bf16) AddRowBf16(static_cast<const uint16_t*>(z) + r * N, N, acc);
+      else AddRow(static_cast<const float*>(z) + r * N, N, acc);
+    }
+  }
+  std::fill(db, db + N, 0.f);
+  for (int t = 0; t < threads; ++t) AddRow(partial.data() + static_cast<size_t>(t) * N, N, db);
+}
+
+}  // namespace mmdit
+
+using namespace mmdit;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditAdaLnFwd, AdaLnForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditAdaLnBwd, AdaLnBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditColumnSum, ColumnSum,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditGatedResidualBwd, GatedResidualBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
