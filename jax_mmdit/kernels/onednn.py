@@ -1,7 +1,7 @@
 """oneDNN kernels inside XLA:CPU programs: XLA FFI custom calls, compiled on first use.
 
-- `matmul`: the dense layers' gradients and the attention matmuls of single-device CPU runs (the dense
-  forward is `linear`, below). Why: XLA:CPU
+- `matmul`: the attention matmuls of the XLA attention path on single-device CPU runs, and the
+  primitive behind `dense_backward` (the dense forward is `linear`, below). Why: XLA:CPU
   gives bf16 dots AMX-class speed only in two operand layouts (weight gradients and half of
   attention's backward are upcast to fp32 Eigen dots, ~200 GFLOP/s), and its batched attention
   matmuls reach 100-180 GFLOP/s. oneDNN's matmul primitive takes every layout through strides and
@@ -10,12 +10,16 @@
   2.5x XLA in fp32 and bf16; fp32 dense matmuls 1.0-1.2x.
 - `linear`, `linear_gelu` / `gelu_backward`: linear layers with the bias in the call and the result
   in the operands' dtype (bf16 activations between layers), and the MLP's first layer with its GELU
-  (see onednn_kernels.cc for why and what it saves).
+  (see onednn_kernels.cc for why and what it saves); `dense_backward`: a dense layer's dx, dW and
+  db in one call (as three, XLA ran them concurrently and they competed for the cores).
 - `attention_forward` / `attention_backward`: softmax attention fused per head (logits, softmax
   and both matmuls in cache; the backward recomputes the probabilities), on (B, L, H, D) operands
   so no transposes surround it. DiT-S/2 b32 shapes, forward+backward: bf16 33 -> 24 ms, fp32 62
   -> 53 ms against the same attention as separate oneDNN matmuls and XLA softmax
-  (`python -m benchmarks.bench_attention`).
+  (`python -m benchmarks.bench_attention`). `attention_packed_forward` / `_backward`: the same on
+  the packed (B, L, 3, H, D) projection, read and written in place (DiT's self-attention).
+- `adaln_forward` / `adaln_backward`, `gated_residual_backward`, `column_sum`: memory-bound row
+  passes (row_kernels.cc) where XLA:CPU made several passes or reduced on one thread.
 
 The kernels are `onednn_kernels.cc` (oneDNN) and `row_kernels.cc` (plain C++/OpenMP: adaLN, column
 sum, gated residual), built with the system C++ compiler against Debian's
