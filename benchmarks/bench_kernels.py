@@ -154,11 +154,24 @@ def packed_attention_rows(B: int, L: int, H: int, D: int, dtype_name: str, round
 
     fns = {
         "packed": jax.jit(lambda qkv: (onednn.attention_packed_forward(qkv), onednn.attention_packed_backward(qkv, do))),
-        "split": jax.jit(split),
+        "split + concatenate": jax.jit(split),
     }
     for fn in fns.values():
         jax.block_until_ready(fn(qkv))
     return _time(fns, (qkv,), rounds)
+
+
+def _speedup_table(header: str, cases: list, run, new: str, old: str, rounds: int) -> None:
+    """A markdown table: for each (name, *shape) case and dtype, ms per call of the variants `new`
+    and `old` (keys of run(*shape, dtype, rounds)) and old / new."""
+    print()
+    print(f"| {header} | dtype | {new} | {old} | speed-up |")
+    print("|---|---|---|---|---|")
+    for name, *shape in cases:
+        for dtype in ("bfloat16", "float32"):
+            r = run(*shape, dtype, rounds)
+            print(f"| {name} ({', '.join(map(str, shape))}) | {dtype} | {r[new]:.2f} | {r[old]:.2f} | "
+                  f"{r[old] / r[new]:.2f}x |", flush=True)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,30 +204,11 @@ def main(argv=None) -> int:
             r = bias_rows(M, N, dtype, args.rounds)
             print(f"| {name} ({M}, {N}) | {dtype} | {r['column_sum']:.3f} | {r['xla sum']:.3f} | "
                   f"{r['ones-row matmul']:.3f} |", flush=True)
-    print()
-    print("| dense backward (M, K, N) | dtype | one call | three calls | speed-up |")
-    print("|---|---|---|---|---|")
-    for name, M, K, N in DENSE_SHAPES:
-        for dtype in ("bfloat16", "float32"):
-            r = dense_backward_rows(M, K, N, dtype, args.rounds)
-            print(f"| {name} ({M}, {K}, {N}) | {dtype} | {r['one call']:.2f} | {r['three calls']:.2f} | "
-                  f"{r['three calls'] / r['one call']:.2f}x |", flush=True)
-    print()
-    print("| gated residual fwd+bwd (B, L, D) | a dtype | kernel | xla | speed-up |")
-    print("|---|---|---|---|---|")
-    for name, B, L, D in ADALN_SHAPES:
-        for dtype in ("bfloat16", "float32"):
-            r = gated_residual_rows(B, L, D, dtype, args.rounds)
-            print(f"| {name} ({B}, {L}, {D}) | {dtype} | {r['kernel']:.2f} | {r['xla']:.2f} | "
-                  f"{r['xla'] / r['kernel']:.2f}x |", flush=True)
-    print()
-    print("| self-attention fwd+bwd (B, L, H, D) | dtype | packed | split + concatenate | speed-up |")
-    print("|---|---|---|---|---|")
-    for name, B, L, H, D in PACKED_SHAPES:
-        for dtype in ("bfloat16", "float32"):
-            r = packed_attention_rows(B, L, H, D, dtype, args.rounds)
-            print(f"| {name} ({B}, {L}, {H}, {D}) | {dtype} | {r['packed']:.2f} | {r['split']:.2f} | "
-                  f"{r['split'] / r['packed']:.2f}x |", flush=True)
+    _speedup_table("dense backward (M, K, N)", DENSE_SHAPES, dense_backward_rows, "one call", "three calls", args.rounds)
+    _speedup_table("gated residual fwd+bwd (B, L, D), dtype of a", ADALN_SHAPES, gated_residual_rows, "kernel", "xla",
+                   args.rounds)
+    _speedup_table("self-attention fwd+bwd (B, L, H, D)", PACKED_SHAPES, packed_attention_rows, "packed",
+                   "split + concatenate", args.rounds)
     return 0
 
 
