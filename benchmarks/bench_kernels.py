@@ -7,6 +7,7 @@
 - a dense layer's whole backward: `onednn.dense_backward` (dx, dW, db one after another in one call)
   against the three calls XLA ran concurrently before (two `onednn.matmul`s and `column_sum`);
 - adaLN-Zero's gated residual x + gate * a (`layers.gated_residual`), kernel backward against XLA's;
+- MMDiT's QK-norm (`layers.RMSNorm` over (B, L, H, D) heads), kernels against XLA's;
 - self-attention from the packed (B, L, 3, H, D) projection: the packed kernels against splitting
   q, k, v out and calling the unpacked ones (the gradient then needs a concatenate).
 
@@ -32,6 +33,8 @@ ADALN_SHAPES = [("DiT-S/2 b32", 32, 256, 384), ("default b128", 128, 49, 192)]
 # dense backward (name, M, K, N): DiT-S/2 b32 fc1 and fc2, default config fc1 and qkv.
 DENSE_SHAPES = [("DiT-S/2 b32 fc1", 8192, 384, 1536), ("DiT-S/2 b32 fc2", 8192, 1536, 384),
                 ("default fc1", 6272, 192, 768), ("default qkv", 6272, 192, 576)]
+# QK-norm (name, B, L, H, D): MMDiT-S/2 at 32x32 batch 32 (image stream), MMDiT-B/2 batch 32.
+RMS_SHAPES = [("MMDiT-S/2 b32", 32, 256, 6, 64), ("MMDiT-B/2 b32", 32, 256, 12, 64)]
 # packed self-attention (name, B, L, H, D)
 PACKED_SHAPES = [("DiT-S/2 b32", 32, 256, 6, 64), ("default b128", 128, 49, 3, 64)]
 BIAS_SHAPES = [("DiT-S/2 b32 fc1", 8192, 1536), ("DiT-S/2 b32 qkv", 8192, 1152), ("DiT-S/2 b32 proj", 8192, 384),
@@ -136,6 +139,28 @@ def gated_residual_rows(B: int, L: int, D: int, dtype_name: str, rounds: int) ->
     return _time(fns, (x, gate, a), rounds)
 
 
+
+def rms_norm_rows(B: int, L: int, H: int, D: int, dtype_name: str, rounds: int) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jax_mmdit.kernels import onednn
+    from jax_mmdit.models import layers
+
+    rng = np.random.default_rng(0)
+    x, dy = (jnp.asarray(rng.standard_normal((B, L, H, D)), jnp.dtype(dtype_name)) for _ in range(2))
+    graphdef, params = nnx.split(layers.RMSNorm(D))
+    f = lambda p, x: nnx.merge(graphdef, p)(x)  # noqa: E731
+    fns = {}
+    for label, mode in (("kernel", "on"), ("xla", "off")):
+        os.environ[onednn.ENV] = mode  # read when tracing: the first call below
+        fns[label] = jax.jit(lambda p, x: (lambda y, vjp: (y, vjp(dy)))(*jax.vjp(f, p, x)))
+        jax.block_until_ready(fns[label](params, x))
+    os.environ[onednn.ENV] = "auto"
+    return _time(fns, (params, x), rounds)
+
 def packed_attention_rows(B: int, L: int, H: int, D: int, dtype_name: str, rounds: int) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
@@ -207,6 +232,7 @@ def main(argv=None) -> int:
     _speedup_table("dense backward (M, K, N)", DENSE_SHAPES, dense_backward_rows, "one call", "three calls", args.rounds)
     _speedup_table("gated residual fwd+bwd (B, L, D), dtype of a", ADALN_SHAPES, gated_residual_rows, "kernel", "xla",
                    args.rounds)
+    _speedup_table("QK-norm fwd+bwd (B, L, H, D)", RMS_SHAPES, rms_norm_rows, "kernel", "xla", args.rounds)
     _speedup_table("self-attention fwd+bwd (B, L, H, D)", PACKED_SHAPES, packed_attention_rows, "packed",
                    "split + concatenate", args.rounds)
     return 0

@@ -217,6 +217,42 @@ def test_gated_residual_backward_matches_float64(use_onednn, dtype):
     with pytest.raises(TypeError, match="float32 gate and dy"):
         onednn.gated_residual_backward(gate, a, dy.astype(jnp.bfloat16))
 
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rms_norm_kernels_match_float64_and_the_xla_path(use_onednn, dtype, monkeypatch):
+    from flax import nnx
+
+    # MMDiT's QK-norm on (B, L, H, D) heads; D not a multiple of the vector width, odd row count.
+    x = _rand((3, 5, 2, 37), dtype, 40) * 2.0
+    dy = _rand((3, 5, 2, 37), dtype, 41)
+    norm = layers.RMSNorm(37)
+    norm.scale[...] = 1.0 + 0.3 * _rand((37,), jnp.float32, 42)
+    graphdef, params = nnx.split(norm)
+
+    def run(mode):
+        monkeypatch.setenv(onednn.ENV, mode)
+        f = lambda p, x: nnx.merge(graphdef, p)(x)  # noqa: E731
+        assert (onednn.RMS_NORM_FWD in jax.jit(f).lower(params, x).as_text()) == (mode == "on")
+        y, vjp = jax.vjp(f, params, x)
+        return y, vjp(dy)
+
+    y, (dparams, dx) = run("on")
+    assert y.dtype == dtype and dx.dtype == dtype
+    x64, s64 = np.asarray(x.astype(jnp.float32), np.float64), np.asarray(norm.scale[...], np.float64)
+    y64 = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + layers.NORM_EPS) * s64
+    tol = 8e-3 if dtype == jnp.bfloat16 else 1e-6  # bf16: y rounded once
+    assert np.abs(np.asarray(y, np.float64) - y64).max() / np.abs(y64).max() < tol
+    # Gradients against XLA's autodiff of the module's own formula (same dy).
+    _, (dparams_x, dx_x) = run("off")
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5  # bf16: dx rounded; dscale summed in another order
+    for got, want in ((dx, dx_x), (dparams["scale"][...], dparams_x["scale"][...])):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert np.abs(got - want).max() / np.abs(want).max() < tol
+    with pytest.raises(ValueError, match=r"x \(rows, D\)"):
+        onednn.rms_norm_forward(x.reshape(-1, 37), jnp.ones((36,)), 1e-6)
+    with pytest.raises(ValueError, match="dy must be like x"):
+        onednn.rms_norm_backward(x.reshape(-1, 37), jnp.ones((37,)), dy.reshape(-1, 37)[:4], 1e-6)
+
 def _attention_reference(q, k, v):
     """float64 softmax attention on (B, L, H, D) inputs."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -418,13 +454,13 @@ def test_auto_mode_stays_off_on_a_multi_device_mesh(monkeypatch):
 def test_model_gradients_with_the_kernels_match_xla(arch, monkeypatch):
     # Every kernel a model uses, through the models' own code paths: DiT takes the packed
     # self-attention, MMDiT (text-conditioned: a context stream with its own gated residuals and
-    # joint attention over both streams) the unpacked one; both the gated-residual, adaLN and dense
+    # joint attention over both streams, QK-norm) the unpacked one; both the gated-residual, adaLN and dense
     # kernels. fp32, randomised weights (adaLN-Zero's zero gates would hide the branches).
     from flax import nnx
 
     from jax_mmdit.models import ModelConfig, create_model
 
-    extra = dict(num_classes=0, context_dim=8, pooled_dim=6) if arch == "mmdit" else dict(num_classes=5)
+    extra = dict(num_classes=0, context_dim=8, pooled_dim=6, qk_norm=True) if arch == "mmdit" else dict(num_classes=5)
     cfg = ModelConfig(arch=arch, image_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, **extra)
     model = create_model(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -444,6 +480,7 @@ def test_model_gradients_with_the_kernels_match_xla(arch, monkeypatch):
         text = f.lower(params).compile().as_text()
         assert (onednn.GATED_RESIDUAL_BWD in text) == (mode == "on")
         assert (onednn.ATTENTION_PACKED_BWD in text) == (mode == "on" and arch == "dit")
+        assert (onednn.RMS_NORM_BWD in text) == (mode == "on" and arch == "mmdit")  # QK-norm
         results[mode] = f(params)
     assert onednn.ATTENTION_BWD in text or arch == "dit"
     np.testing.assert_allclose(float(results["on"][0]), float(results["off"][0]), rtol=1e-5)

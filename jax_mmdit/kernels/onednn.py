@@ -18,7 +18,8 @@
   -> 53 ms against the same attention as separate oneDNN matmuls and XLA softmax
   (`python -m benchmarks.bench_attention`). `attention_packed_forward` / `_backward`: the same on
   the packed (B, L, 3, H, D) projection, read and written in place (DiT's self-attention).
-- `adaln_forward` / `adaln_backward`, `gated_residual_backward`, `column_sum`: memory-bound row
+- `adaln_forward` / `adaln_backward`, `rms_norm_forward` / `rms_norm_backward` (QK-norm),
+  `gated_residual_backward`, `column_sum`: memory-bound row
   passes (row_kernels.cc) where XLA:CPU made several passes or reduced on one thread.
 
 The kernels are `onednn_kernels.cc` (oneDNN) and `row_kernels.cc` (plain C++/OpenMP: adaLN, column
@@ -64,6 +65,8 @@ DENSE_BWD = "mmdit_dense_bwd"
 ATTENTION_PACKED_FWD = "mmdit_onednn_attention_packed_fwd"
 ATTENTION_PACKED_BWD = "mmdit_onednn_attention_packed_bwd"
 GATED_RESIDUAL_BWD = "mmdit_gated_residual_bwd"
+RMS_NORM_FWD = "mmdit_rms_norm_fwd"
+RMS_NORM_BWD = "mmdit_rms_norm_bwd"
 
 
 def _mode() -> str:
@@ -126,7 +129,8 @@ def _load() -> str | None:
                            (DENSE_BWD, lib.MmditDenseBwd),
                            (ATTENTION_PACKED_FWD, lib.MmditOnednnAttentionPackedFwd),
                            (ATTENTION_PACKED_BWD, lib.MmditOnednnAttentionPackedBwd),
-                           (GATED_RESIDUAL_BWD, lib.MmditGatedResidualBwd)):
+                           (GATED_RESIDUAL_BWD, lib.MmditGatedResidualBwd),
+                           (RMS_NORM_FWD, lib.MmditRmsNormFwd), (RMS_NORM_BWD, lib.MmditRmsNormBwd)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return None
 
@@ -304,6 +308,27 @@ def gated_residual_backward(gate: jax.Array, a: jax.Array, dy: jax.Array) -> tup
         raise ValueError(f"onednn.gated_residual_backward wants gate (B, D), a and dy (B, L, D); got {gate.shape}, {a.shape}, {dy.shape}")
     out = (jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(gate.shape, jnp.float32))
     return jax.ffi.ffi_call(GATED_RESIDUAL_BWD, out, vmap_method="sequential")(gate, a, dy)
+
+
+def _check_rms(name: str, x: jax.Array, scale: jax.Array) -> None:
+    if x.ndim != 2 or x.dtype not in (jnp.float32, jnp.bfloat16) or scale.shape != x.shape[1:] or scale.dtype != jnp.float32:
+        raise ValueError(f"onednn.{name} wants x (rows, D) float32/bfloat16 and a float32 scale (D,); got {x.shape} {x.dtype}, {scale.shape} {scale.dtype}")
+
+
+def rms_norm_forward(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) * scale over the last axis, in x's dtype (float32 statistics)."""
+    _check_rms("rms_norm_forward", x, scale)
+    return jax.ffi.ffi_call(RMS_NORM_FWD, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")(
+        x, scale, eps=np.float32(eps))
+
+
+def rms_norm_backward(x: jax.Array, scale: jax.Array, dy: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """(dx in x's dtype, dscale float32) of `rms_norm_forward` for the cotangent dy (like x)."""
+    _check_rms("rms_norm_backward", x, scale)
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise ValueError(f"onednn.rms_norm_backward: dy must be like x {x.shape} {x.dtype}, got {dy.shape} {dy.dtype}")
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(scale.shape, jnp.float32))
+    return jax.ffi.ffi_call(RMS_NORM_BWD, out, vmap_method="sequential")(x, scale, dy, eps=np.float32(eps))
 
 # Output shape, then the first operand's shape: inline in the call, or (compiled HLO) in the
 # operand layout constraints.

@@ -278,9 +278,32 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if _use_onednn(x.dtype):
+            # One pass each way on CPU (`_kernel_rms_norm`).
+            return _kernel_rms_norm(x.reshape(-1, x.shape[-1]), self.scale[...], self.eps).reshape(x.shape)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (y * self.scale[...]).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel_rms_norm(x_RxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+    """`RMSNorm` as the CPU kernels (`onednn.rms_norm_forward` / `_backward`): XLA:CPU made several
+    passes over the (B, L, H, D) queries and keys each way, and reduced the scale's gradient on one
+    thread."""
+    return onednn.rms_norm_forward(x_RxD, scale_D, eps)
+
+
+def _kernel_rms_norm_fwd(x_RxD, scale_D, eps):
+    return onednn.rms_norm_forward(x_RxD, scale_D, eps), (x_RxD, scale_D)
+
+
+def _kernel_rms_norm_bwd(eps, res, dy_RxD):
+    x_RxD, scale_D = res
+    return onednn.rms_norm_backward(x_RxD, scale_D, dy_RxD.astype(x_RxD.dtype), eps)
+
+
+_kernel_rms_norm.defvjp(_kernel_rms_norm_fwd, _kernel_rms_norm_bwd)
 
 
 class Modulation(nnx.Module):
