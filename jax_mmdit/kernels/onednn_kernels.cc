@@ -262,7 +262,7 @@ struct ThreadBuffers {
   std::vector<char> p, q, k, v, d_o, out_q, out_k, out_v;
 };
 
-ThreadBuffers& Buffers(const AttnPrims& a, int64_t G, int64_t L, int64_t S, int64_t D, size_t elem, bool backward) {
+ThreadBuffers& Buffers(int64_t G, int64_t L, int64_t S, int64_t D, size_t elem, bool backward) {
   thread_local ThreadBuffers buf;
   auto grow = [](auto& v, size_t n) {
     if (v.size() < n) v.resize(n);
@@ -333,7 +333,7 @@ void ForEachUnit(const AttnPrims& a, const AttnShape& s, int64_t G, size_t elem,
     try {
       auto& eng = Engine();
       dnnl::stream stream(eng);
-      ThreadBuffers& buf = Buffers(a, G, s.L, s.S, s.D, elem, backward);
+      ThreadBuffers& buf = Buffers(G, s.L, s.S, s.D, elem, backward);
       dnnl::memory scratch = ThreadScratchpad(a.scratch);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t u = 0; u < units; ++u) body(u * G, buf, stream, scratch);

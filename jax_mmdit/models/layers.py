@@ -94,7 +94,7 @@ def _onednn_dense_grads(x_MxK, w_KxN, dz_MxN):
     # One call for dx = dz w^T (x's dtype), dW = x^T dz (float32, for the fp32 master weights) and
     # db (a column sum: one read of dz), the transposes as strides. As three calls XLA ran the
     # weight gradient beside the column sum, two OpenMP teams on the same cores (see
-    # onednn_kernels.cc): the step was 1.03-1.07x slower.
+    # onednn_kernels.cc): the step was 1.02-1.07x slower.
     return onednn.dense_backward(x_MxK, w_KxN, dz_MxN)
 
 
@@ -241,7 +241,6 @@ def _kernel_ln_modulate_bwd(dtype, res, dh_BxLxD):
 _kernel_ln_modulate.defvjp(_kernel_ln_modulate_fwd, _kernel_ln_modulate_bwd)
 
 
-
 def gated_residual(x_BxLxD: jax.Array, gate_BxD: jax.Array, a_BxLxD: jax.Array) -> jax.Array:
     """x + gate * a: adaLN-Zero's gated branch output a added to the float32 residual stream x. On
     CPU with the kernels the backward is one pass (`_kernel_gated_residual`)."""
@@ -269,6 +268,7 @@ def _kernel_gated_residual_bwd(res, dy_BxLxD):
 
 
 _kernel_gated_residual.defvjp(_kernel_gated_residual_fwd, _kernel_gated_residual_bwd)
+
 
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned scale (used on per-head queries/keys)."""
