@@ -329,6 +329,29 @@ def test_packed_self_attention_is_the_fused_attention_of_its_slots(use_onednn, d
         np.testing.assert_array_equal(np.asarray(dqkv, np.float32), np.asarray(want, np.float32))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_joint_attention_is_the_fused_attention_of_the_concatenated_streams(use_onednn, dtype):
+    # An image stream and a context stream (one context token, and several), grouped heads.
+    for B, L, T, H, D in ((3, 16, 5, 3, 8), (2, 9, 1, 2, 16)):
+        x = tuple(_rand((B, L, H, D), dtype, 50 + i) for i in range(3))
+        c = tuple(_rand((B, T, H, D), dtype, 60 + i) for i in range(3))
+        do_x, do_c = _rand((B, L, H, D), dtype, 70), _rand((B, T, H, D), dtype, 71)
+        o_x, o_c = jax.jit(onednn.attention_joint_forward)(x, c)
+        (dx, dc) = jax.jit(onednn.attention_joint_backward)(x, c, do_x, do_c)
+        cat = [jnp.concatenate([a, b], axis=1) for a, b in zip(x, c)]
+        # The same units and primitives over the same rows, gathered from two arrays: bit-identical.
+        f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+        np.testing.assert_array_equal(f32(jnp.concatenate([o_x, o_c], 1)), f32(onednn.attention_forward(*cat)))
+        want = onednn.attention_backward(*cat, jnp.concatenate([do_x, do_c], 1))
+        for got_x, got_c, w in zip(dx, dc, want):
+            assert got_x.dtype == dtype and got_c.shape == (B, T, H, D)
+            np.testing.assert_array_equal(f32(jnp.concatenate([got_x, got_c], 1)), f32(w))
+    with pytest.raises(ValueError, match="differ in batch, heads or head size"):
+        onednn.attention_joint_forward(x, tuple(a[:1] for a in c))
+    with pytest.raises(ValueError, match="do of each stream"):
+        onednn.attention_joint_backward(x, c, do_x, do_x)
+
+
 def test_dit_self_attention_reads_the_packed_projection_and_matches_the_xla_path(use_onednn):
     from flax import nnx
 
@@ -382,6 +405,12 @@ def test_attention_kernels_are_counted_as_model_flops(use_onednn):
     text = jax.jit(f).lower(qkv).compile().as_text()
     assert onednn.ATTENTION_PACKED_FWD in text and onednn.ATTENTION_PACKED_BWD in text
     assert onednn.hlo_flops(text) == (4 + 8) * B * H * L * L * D
+    # Joint attention over two streams of L and S tokens: one sequence of L + S.
+    x, c = (qkv[:, :, 0],) * 3, (kv,) * 3
+    f = jax.value_and_grad(lambda x, c: sum(jnp.sum(o) for o in attention._onednn_joint_attention(x, c)), argnums=(0, 1))
+    text = jax.jit(f).lower(x, c).compile().as_text()
+    assert onednn.ATTENTION_JOINT_FWD in text and onednn.ATTENTION_JOINT_BWD in text
+    assert onednn.hlo_flops(text) == (4 + 8) * B * H * (L + S) ** 2 * D
 
 
 def test_custom_calls_are_counted_in_flops(monkeypatch):
@@ -453,8 +482,8 @@ def test_auto_mode_stays_off_on_a_multi_device_mesh(monkeypatch):
 @pytest.mark.parametrize("arch", ["dit", "mmdit"])
 def test_model_gradients_with_the_kernels_match_xla(arch, monkeypatch):
     # Every kernel a model uses, through the models' own code paths: DiT takes the packed
-    # self-attention, MMDiT (text-conditioned: a context stream with its own gated residuals and
-    # joint attention over both streams, QK-norm) the unpacked one; both the gated-residual, adaLN and dense
+    # self-attention; MMDiT (text-conditioned: a context stream with its own gated residuals, and
+    # QK-norm) the joint attention over both streams; both the gated-residual, adaLN and dense
     # kernels. fp32, randomised weights (adaLN-Zero's zero gates would hide the branches).
     from flax import nnx
 
@@ -481,8 +510,8 @@ def test_model_gradients_with_the_kernels_match_xla(arch, monkeypatch):
         assert (onednn.GATED_RESIDUAL_BWD in text) == (mode == "on")
         assert (onednn.ATTENTION_PACKED_BWD in text) == (mode == "on" and arch == "dit")
         assert (onednn.RMS_NORM_BWD in text) == (mode == "on" and arch == "mmdit")  # QK-norm
+        assert (onednn.ATTENTION_JOINT_BWD in text) == (mode == "on" and arch == "mmdit")
         results[mode] = f(params)
-    assert onednn.ATTENTION_BWD in text or arch == "dit"
     np.testing.assert_allclose(float(results["on"][0]), float(results["off"][0]), rtol=1e-5)
     for g_on, g_off in zip(jax.tree.leaves(results["on"][1]), jax.tree.leaves(results["off"][1])):
         np.testing.assert_allclose(g_on, g_off, rtol=1e-4, atol=1e-5 * float(np.abs(g_off).max() + 1e-6))

@@ -17,7 +17,8 @@
   so no transposes surround it. DiT-S/2 b32 shapes, forward+backward: bf16 33 -> 24 ms, fp32 62
   -> 53 ms against the same attention as separate oneDNN matmuls and XLA softmax
   (`python -m benchmarks.bench_attention`). `attention_packed_forward` / `_backward`: the same on
-  the packed (B, L, 3, H, D) projection, read and written in place (DiT's self-attention).
+  the packed (B, L, 3, H, D) projection, read and written in place (DiT's self-attention);
+  `attention_joint_forward` / `_backward`: MMDiT's joint attention over two streams, unconcatenated.
 - `adaln_forward` / `adaln_backward`, `rms_norm_forward` / `rms_norm_backward` (QK-norm),
   `gated_residual_backward`, `column_sum`: memory-bound row
   passes (row_kernels.cc) where XLA:CPU made several passes or reduced on one thread.
@@ -65,6 +66,8 @@ DENSE_BWD = "mmdit_dense_bwd"
 ATTENTION_PACKED_FWD = "mmdit_onednn_attention_packed_fwd"
 ATTENTION_PACKED_BWD = "mmdit_onednn_attention_packed_bwd"
 GATED_RESIDUAL_BWD = "mmdit_gated_residual_bwd"
+ATTENTION_JOINT_FWD = "mmdit_onednn_attention_joint_fwd"
+ATTENTION_JOINT_BWD = "mmdit_onednn_attention_joint_bwd"
 RMS_NORM_FWD = "mmdit_rms_norm_fwd"
 RMS_NORM_BWD = "mmdit_rms_norm_bwd"
 
@@ -130,7 +133,9 @@ def _load() -> str | None:
                            (ATTENTION_PACKED_FWD, lib.MmditOnednnAttentionPackedFwd),
                            (ATTENTION_PACKED_BWD, lib.MmditOnednnAttentionPackedBwd),
                            (GATED_RESIDUAL_BWD, lib.MmditGatedResidualBwd),
-                           (RMS_NORM_FWD, lib.MmditRmsNormFwd), (RMS_NORM_BWD, lib.MmditRmsNormBwd)):
+                           (RMS_NORM_FWD, lib.MmditRmsNormFwd), (RMS_NORM_BWD, lib.MmditRmsNormBwd),
+                           (ATTENTION_JOINT_FWD, lib.MmditOnednnAttentionJointFwd),
+                           (ATTENTION_JOINT_BWD, lib.MmditOnednnAttentionJointBwd)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return None
 
@@ -229,6 +234,38 @@ def attention_packed_backward(qkv: jax.Array, do: jax.Array) -> jax.Array:
         raise ValueError(f"onednn packed attention backward: do must be {(B, L, H, D)} {qkv.dtype}, got {do.shape} {do.dtype}")
     return jax.ffi.ffi_call(ATTENTION_PACKED_BWD, jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
                             vmap_method="sequential")(qkv, do)
+
+
+def _check_joint(x_qkv, c_qkv) -> None:
+    for a in (*x_qkv, *c_qkv):
+        if a.ndim != 4 or a.dtype != x_qkv[0].dtype or a.dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError("onednn joint attention wants q, k, v of both streams as (B, L, H, D) arrays of one "
+                             f"float32/bfloat16 dtype; got {[(t.shape, str(t.dtype)) for t in (*x_qkv, *c_qkv)]}")
+    for qkv in (x_qkv, c_qkv):
+        if not qkv[0].shape == qkv[1].shape == qkv[2].shape:
+            raise ValueError(f"onednn joint attention: q, k, v of a stream differ: {[t.shape for t in qkv]}")
+    (B, _, H, D), (B2, _, H2, D2) = x_qkv[0].shape, c_qkv[0].shape
+    if (B, H, D) != (B2, H2, D2):
+        raise ValueError(f"onednn joint attention: the streams differ in batch, heads or head size: {x_qkv[0].shape}, {c_qkv[0].shape}")
+
+
+def attention_joint_forward(x_qkv: tuple, c_qkv: tuple) -> tuple[jax.Array, jax.Array]:
+    """`attention_forward` over the concatenation of two streams' tokens (image (B, L, H, D) first,
+    then context (B, T, H, D)), without concatenating them: -> (o_x, o_c) per stream."""
+    _check_joint(x_qkv, c_qkv)
+    out = (jax.ShapeDtypeStruct(x_qkv[0].shape, x_qkv[0].dtype), jax.ShapeDtypeStruct(c_qkv[0].shape, c_qkv[0].dtype))
+    return jax.ffi.ffi_call(ATTENTION_JOINT_FWD, out, vmap_method="sequential")(*x_qkv, *c_qkv)
+
+
+def attention_joint_backward(x_qkv: tuple, c_qkv: tuple, do_x: jax.Array, do_c: jax.Array) -> tuple[tuple, tuple]:
+    """((dq, dk, dv) of the image stream, (dq, dk, dv) of the context stream) of
+    `attention_joint_forward` for the output cotangents do_x, do_c (like each stream's q)."""
+    _check_joint(x_qkv, c_qkv)
+    if do_x.shape != x_qkv[0].shape or do_c.shape != c_qkv[0].shape or not do_x.dtype == do_c.dtype == x_qkv[0].dtype:
+        raise ValueError(f"onednn joint attention backward: do of each stream must be like its q; got {do_x.shape}, {do_c.shape}")
+    out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*x_qkv, *c_qkv))
+    grads = jax.ffi.ffi_call(ATTENTION_JOINT_BWD, out, vmap_method="sequential")(*x_qkv, *c_qkv, do_x, do_c)
+    return tuple(grads[:3]), tuple(grads[3:])
 
 def _check_linear(name: str, x: jax.Array, w: jax.Array, b: jax.Array) -> jax.ShapeDtypeStruct:
     if x.dtype != w.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
@@ -339,13 +376,15 @@ _A = re.compile(r"(?:custom-call\(|operand_layout_constraints=\{)\s*\w+\[([\d,]*
 _SHAPE = re.compile(r"\w+\[([\d,]*)\]")
 # Model FLOPs per B*H*L*S*D of the attention kernels: two matmuls forward, four backward (the
 # backward's recomputed q k^T is not counted, as MFU conventions leave recomputation out).
-_ATTENTION_FLOPS = {ATTENTION_FWD: 4.0, ATTENTION_BWD: 8.0, ATTENTION_PACKED_FWD: 4.0, ATTENTION_PACKED_BWD: 8.0}
+_ATTENTION_FLOPS = {ATTENTION_FWD: 4.0, ATTENTION_BWD: 8.0, ATTENTION_PACKED_FWD: 4.0, ATTENTION_PACKED_BWD: 8.0,
+                    ATTENTION_JOINT_FWD: 4.0, ATTENTION_JOINT_BWD: 8.0}
 # Matmul FLOPs per M*K*N of the dense-layer kernels (x (M, K), w (K, N)): the forward's matmul, the
 # backward's two (dx, dW; the bias gradient's column sum and the GELU are not matmul FLOPs).
 _DENSE_FLOPS = {LINEAR: 2.0, LINEAR_GELU: 2.0, DENSE_BWD: 4.0}
 # Rank of the first two operands' shapes each kernel's count reads.
 _RANKS = {**{t: (2, 2) for t in _DENSE_FLOPS}, ATTENTION_FWD: (4, 4), ATTENTION_BWD: (4, 4),
-          ATTENTION_PACKED_FWD: (5,), ATTENTION_PACKED_BWD: (5, 4)}
+          ATTENTION_PACKED_FWD: (5,), ATTENTION_PACKED_BWD: (5, 4), ATTENTION_JOINT_FWD: (4, 4, 4, 4),
+          ATTENTION_JOINT_BWD: (4, 4, 4, 4)}
 
 
 def hlo_flops(hlo_text: str) -> float:
@@ -353,7 +392,7 @@ def hlo_flops(hlo_text: str) -> float:
     call as zero, which would make FLOP/s and MFU figures miss every matmul. Matmul: 2*M*N*K per
     call (per batch element), K = size(a) / (batch*M) whichever way a is transposed. Dense layers:
     _DENSE_FLOPS from x (M, K) and w (K, N). Attention: _ATTENTION_FLOPS from q (B, L, H, D) and
-    k (B, S, H, D), or the packed qkv (B, L, 3, H, D)."""
+    k (B, S, H, D), the packed qkv (B, L, 3, H, D), or two streams' q (B, L, H, D), (B, T, H, D)."""
     total = 0.0
     for line in hlo_text.splitlines():
         target = next((t for t in (TARGET, *_RANKS) if f'custom_call_target="{t}"' in line), None)
@@ -369,6 +408,9 @@ def hlo_flops(hlo_text: str) -> float:
             if target in _DENSE_FLOPS:
                 (M, K), N = shapes[0], shapes[1][1]
                 total += _DENSE_FLOPS[target] * M * K * N
+            elif target in (ATTENTION_JOINT_FWD, ATTENTION_JOINT_BWD):  # qx, kx, vx, qc: L + T tokens
+                (B, L, H, D), T = shapes[0], shapes[3][1]
+                total += _ATTENTION_FLOPS[target] * B * H * (L + T) ** 2 * D
             elif len(ranks) == 2 and ranks[0] == 4:
                 (B, L, H, D), S = shapes[0], shapes[1][1]
                 total += _ATTENTION_FLOPS[target] * B * H * L * S * D

@@ -351,21 +351,33 @@ void ForEachUnit(const AttnPrims& a, const AttnShape& s, int64_t G, size_t elem,
 struct HeadView {
   void* base;
   int64_t n, slots = 1, slot = 0;
+  // MMDiT's joint attention: the sequence continues with the n2 rows of a second (B, n2, H, D)
+  // array (the context stream), so the streams are never concatenated.
+  void* base2 = nullptr;
+  int64_t n2 = 0;
 };
 
-// Copies heads first..first+G-1 (flat b * H + h) of `view` to G dense (n, D) blocks (to_dense),
-// or back.
+// Copies rows [0, n) of head (b, h) of a (B, n, slots, H, D) array from/to a dense (n, D) block.
+void CopyRows(void* base, int64_t n, int64_t slots, int64_t slot, int64_t b, int64_t h, const AttnShape& s,
+              size_t elem, char* block, bool to_dense) {
+  size_t row = s.D * elem, stride = slots * s.H * s.D * elem;
+  char* head = static_cast<char*>(base) + ((b * n * slots + slot) * s.H + h) * s.D * elem;
+  for (int64_t i = 0; i < n; ++i) {
+    if (to_dense) std::memcpy(block + i * row, head + i * stride, row);
+    else std::memcpy(head + i * stride, block + i * row, row);
+  }
+}
+
+// Copies heads first..first+G-1 (flat b * H + h) of `view` to G dense (n + n2, D) blocks
+// (to_dense), or back.
 void CopyHeads(const HeadView& view, const AttnShape& s, int64_t first, int64_t G, size_t elem, char* dense,
                bool to_dense) {
-  size_t row = s.D * elem, stride = view.slots * s.H * s.D * elem;
+  size_t row = s.D * elem;
   for (int64_t g = 0; g < G; ++g) {
     int64_t b = (first + g) / s.H, h = (first + g) % s.H;
-    char* head = static_cast<char*>(view.base) + ((b * view.n * view.slots + view.slot) * s.H + h) * s.D * elem;
-    char* block = dense + g * view.n * row;
-    for (int64_t i = 0; i < view.n; ++i) {
-      if (to_dense) std::memcpy(block + i * row, head + i * stride, row);
-      else std::memcpy(head + i * stride, block + i * row, row);
-    }
+    char* block = dense + g * (view.n + view.n2) * row;
+    CopyRows(view.base, view.n, view.slots, view.slot, b, h, s, elem, block, to_dense);
+    if (view.n2 > 0) CopyRows(view.base2, view.n2, 1, 0, b, h, s, elem, block + view.n * row, to_dense);
   }
 }
 
@@ -457,6 +469,55 @@ ffi::Error AttentionBackward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer 
   return RunAttentionBackward("onednn_attention_bwd", s, q.element_type() == ffi::BF16, {q.untyped_data(), s.L},
                               {k.untyped_data(), s.S}, {v.untyped_data(), s.S}, {d_o.untyped_data(), s.L},
                               {dq->untyped_data(), s.L}, {dk->untyped_data(), s.S}, {dv->untyped_data(), s.S});
+}
+
+// MMDiT's joint attention over two token streams without concatenating them: q, k, v of the
+// image stream (B, L, H, D) and of the context stream (B, T, H, D) form one sequence of L + T
+// tokens (image first); the outputs and gradients come back per stream.
+ffi::Error CheckJoint(ffi::AnyBuffer qx, ffi::AnyBuffer kx, ffi::AnyBuffer vx, ffi::AnyBuffer qc, ffi::AnyBuffer kc,
+                      ffi::AnyBuffer vc, AttnShape* shape, int64_t* Lx, int64_t* Lc) {
+  AttnShape sx, sc;
+  if (auto err = CheckAttention(qx, kx, vx, &sx); !err.success()) return err;
+  if (auto err = CheckAttention(qc, kc, vc, &sc); !err.success()) return err;
+  if (sx.L != sx.S || sc.L != sc.S || sx.B != sc.B || sx.H != sc.H || sx.D != sc.D ||
+      qx.element_type() != qc.element_type())
+    return ffi::Error::InvalidArgument("onednn_attention_joint: the streams differ in batch, heads, head size or dtype");
+  *Lx = sx.L;
+  *Lc = sc.L;
+  *shape = {sx.B, sx.L + sc.L, sx.L + sc.L, sx.H, sx.D};
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionJointForward(ffi::AnyBuffer qx, ffi::AnyBuffer kx, ffi::AnyBuffer vx, ffi::AnyBuffer qc,
+                                 ffi::AnyBuffer kc, ffi::AnyBuffer vc, ffi::Result<ffi::AnyBuffer> ox,
+                                 ffi::Result<ffi::AnyBuffer> oc) {
+  AttnShape s;
+  int64_t Lx, Lc;
+  if (auto err = CheckJoint(qx, kx, vx, qc, kc, vc, &s, &Lx, &Lc); !err.success()) return err;
+  auto joint = [&](void* x, void* c) { return HeadView{x, Lx, 1, 0, c, Lc}; };
+  return RunAttentionForward("onednn_attention_joint_fwd", s, qx.element_type() == ffi::BF16,
+                             joint(qx.untyped_data(), qc.untyped_data()), joint(kx.untyped_data(), kc.untyped_data()),
+                             joint(vx.untyped_data(), vc.untyped_data()),
+                             joint(ox->untyped_data(), oc->untyped_data()));
+}
+
+ffi::Error AttentionJointBackward(ffi::AnyBuffer qx, ffi::AnyBuffer kx, ffi::AnyBuffer vx, ffi::AnyBuffer qc,
+                                  ffi::AnyBuffer kc, ffi::AnyBuffer vc, ffi::AnyBuffer dox, ffi::AnyBuffer doc,
+                                  ffi::Result<ffi::AnyBuffer> dqx, ffi::Result<ffi::AnyBuffer> dkx,
+                                  ffi::Result<ffi::AnyBuffer> dvx, ffi::Result<ffi::AnyBuffer> dqc,
+                                  ffi::Result<ffi::AnyBuffer> dkc, ffi::Result<ffi::AnyBuffer> dvc) {
+  AttnShape s;
+  int64_t Lx, Lc;
+  if (auto err = CheckJoint(qx, kx, vx, qc, kc, vc, &s, &Lx, &Lc); !err.success()) return err;
+  if (dox.element_type() != qx.element_type() || doc.element_type() != qx.element_type() ||
+      dox.element_count() != qx.element_count() || doc.element_count() != qc.element_count())
+    return ffi::Error::InvalidArgument("onednn_attention_joint_bwd: do of each stream must be like its q");
+  auto joint = [&](void* x, void* c) { return HeadView{x, Lx, 1, 0, c, Lc}; };
+  return RunAttentionBackward(
+      "onednn_attention_joint_bwd", s, qx.element_type() == ffi::BF16, joint(qx.untyped_data(), qc.untyped_data()),
+      joint(kx.untyped_data(), kc.untyped_data()), joint(vx.untyped_data(), vc.untyped_data()),
+      joint(dox.untyped_data(), doc.untyped_data()), joint(dqx->untyped_data(), dqc->untyped_data()),
+      joint(dkx->untyped_data(), dkc->untyped_data()), joint(dvx->untyped_data(), dvc->untyped_data()));
 }
 
 // Self-attention on the packed projection: qkv (B, L, 3, H, D) -> o (B, L, H, D), and the
@@ -665,3 +726,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionPackedFwd, AttentionPackedForw
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionPackedBwd, AttentionPackedBackward,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionJointFwd, AttentionJointForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionJointBwd, AttentionJointBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());

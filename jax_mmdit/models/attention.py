@@ -174,3 +174,38 @@ def attention(q_BxLxNxK: jax.Array, k_BxSxNxK: jax.Array, v_BxSxNxK: jax.Array, 
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q_BxLxNxK, k_BxSxNxK, v_BxSxNxK))
     o_BxNxLxK = _softmax_attention(q, k, v, use_onednn)
     return o_BxNxLxK.transpose(0, 2, 1, 3).reshape(B, L, N * K)
+
+
+@jax.custom_vjp
+def _onednn_joint_attention(x_qkv: tuple, c_qkv: tuple) -> tuple[jax.Array, jax.Array]:
+    """`_onednn_attention` over the image tokens followed by the context tokens, each stream's q,
+    k, v given separately: the kernels read the two streams in place (no concatenates, and no
+    slices of the output or of its gradient)."""
+    return onednn.attention_joint_forward(x_qkv, c_qkv)
+
+
+def _onednn_joint_attention_fwd(x_qkv, c_qkv):
+    return onednn.attention_joint_forward(x_qkv, c_qkv), (x_qkv, c_qkv)
+
+
+def _onednn_joint_attention_bwd(res, do):
+    x_qkv, c_qkv = res
+    dtype = x_qkv[0].dtype
+    return onednn.attention_joint_backward(x_qkv, c_qkv, do[0].astype(dtype), do[1].astype(dtype))
+
+
+_onednn_joint_attention.defvjp(_onednn_joint_attention_fwd, _onednn_joint_attention_bwd)
+
+
+def joint_attention(x_qkv: tuple, c_qkv: tuple, implementation: str) -> tuple[jax.Array, jax.Array]:
+    """MMDiT's joint attention: `attention` over the image stream's tokens (q, k, v (B, L, N, K))
+    followed by the context stream's ((B, T, N, K)) -> (o_x (B, L, N*K), o_c (B, T, N*K)). On CPU
+    with the fused kernels ("auto") the two streams are read in place; elsewhere they are
+    concatenated (image first, as diffusers orders them; attention is permutation-equivariant)."""
+    B, L, N, K = x_qkv[0].shape
+    T = c_qkv[0].shape[1]
+    if implementation == "auto" and _use_onednn(x_qkv[0].dtype):
+        o_x, o_c = _onednn_joint_attention(tuple(x_qkv), tuple(c_qkv))
+        return o_x.reshape(B, L, N * K), o_c.reshape(B, T, N * K)
+    o_BxSxD = attention(*(jnp.concatenate([a, b], axis=1) for a, b in zip(x_qkv, c_qkv)), implementation)
+    return o_BxSxD[:, :L], o_BxSxD[:, L:]

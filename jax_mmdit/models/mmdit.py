@@ -20,7 +20,7 @@ from flax import nnx
 
 from jax_mmdit.models.config import ModelConfig
 from jax_mmdit.models.dit import check_inputs, check_labels
-from jax_mmdit.models.attention import QKV, attention
+from jax_mmdit.models.attention import QKV, joint_attention
 from jax_mmdit.models.layers import (
     FinalLayer,
     LabelEmbedder,
@@ -65,24 +65,16 @@ class MMDiTBlock(nnx.Module):
 
         hx_NxD = ln_modulate(x_BxLxD, x_shift_a, x_scale_a, self.dtype).reshape(B * L, D)
         hc_MxD = ln_modulate(ctx_BxTxD, c_shift_a, c_scale_a, self.dtype).reshape(B * T, D)
-        qx, kx, vx = self.x_attn(hx_NxD, B)
-        qc, kc, vc = self.c_attn(hc_MxD, B)
-        # Image tokens first (diffusers order); joint attention is permutation-equivariant anyway.
-        o_BxSxD = attention(
-            jnp.concatenate([qx, qc], axis=1),
-            jnp.concatenate([kx, kc], axis=1),
-            jnp.concatenate([vx, vc], axis=1),
-            self.attention_impl,
-        )
+        ox_BxLxD, oc_BxTxD = joint_attention(self.x_attn(hx_NxD, B), self.c_attn(hc_MxD, B), self.attention_impl)
 
-        ax_NxD = self.x_attn_out(o_BxSxD[:, :L].reshape(B * L, D))
+        ax_NxD = self.x_attn_out(ox_BxLxD.reshape(B * L, D))
         x_BxLxD = gated_residual(x_BxLxD, x_gate_a, ax_NxD.reshape(B, L, D))
         hx_NxD = ln_modulate(x_BxLxD, x_shift_m, x_scale_m, self.dtype).reshape(B * L, D)
         x_BxLxD = gated_residual(x_BxLxD, x_gate_m, self.x_mlp(hx_NxD).reshape(B, L, D))
         if self.pre_only:
             return x_BxLxD, None
 
-        ac_MxD = self.c_attn_out(o_BxSxD[:, L:].reshape(B * T, D))
+        ac_MxD = self.c_attn_out(oc_BxTxD.reshape(B * T, D))
         ctx_BxTxD = gated_residual(ctx_BxTxD, c_gate_a, ac_MxD.reshape(B, T, D))
         hc_MxD = ln_modulate(ctx_BxTxD, c_shift_m, c_scale_m, self.dtype).reshape(B * T, D)
         ctx_BxTxD = gated_residual(ctx_BxTxD, c_gate_m, self.c_mlp(hc_MxD).reshape(B, T, D))
