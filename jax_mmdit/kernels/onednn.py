@@ -23,9 +23,9 @@
   `gated_residual_backward`, `column_sum`: memory-bound row
   passes (row_kernels.cc) where XLA:CPU made several passes or reduced on one thread.
 
-The kernels are `onednn_kernels.cc` (oneDNN) and `row_kernels.cc` (plain C++/OpenMP: adaLN, column
-sum, gated residual), built with the system C++ compiler against Debian's
-libdnnl-dev (`make setup` installs it) into a cache directory, once per source/jaxlib version.
+The kernels are `onednn_kernels.cc` and `attention_kernels.cc` (oneDNN) and `row_kernels.cc`
+(plain C++/OpenMP: adaLN, QK-norm, column sum, gated residual), built with the system C++ compiler
+against Debian's libdnnl-dev (`make setup` installs it) into a cache directory, once per source/jaxlib version.
 Where they cannot be built, models fall back to XLA (same results, slower) after a one-line
 warning. MMDIT_ONEDNN selects: "auto" (default: single-device CPU runs, when it builds), "on"
 (also on multi-device CPU meshes, where XLA replicates the call; fail if it cannot build), "off".
@@ -51,8 +51,8 @@ import numpy as np
 ENV = "MMDIT_ONEDNN"
 CACHE_ENV = "MMDIT_CACHE_DIR"
 _DIR = Path(__file__).parent
-SOURCES = (_DIR / "onednn_kernels.cc", _DIR / "row_kernels.cc")
-HEADERS = (_DIR / "common.h",)
+SOURCES = (_DIR / "onednn_kernels.cc", _DIR / "attention_kernels.cc", _DIR / "row_kernels.cc")
+HEADERS = (_DIR / "common.h", _DIR / "onednn_common.h")
 TARGET = "mmdit_onednn_matmul"
 ATTENTION_FWD = "mmdit_onednn_attention_fwd"
 ATTENTION_BWD = "mmdit_onednn_attention_bwd"

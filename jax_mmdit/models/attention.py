@@ -110,7 +110,7 @@ _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 @jax.custom_vjp
 def _onednn_attention(q_BxLxNxK: jax.Array, k_BxSxNxK: jax.Array, v_BxSxNxK: jax.Array) -> jax.Array:
-    """Softmax attention as two oneDNN kernels (`kernels/onednn_kernels.cc`), one per direction: per
+    """Softmax attention as two oneDNN kernels (`kernels/attention_kernels.cc`), one per direction: per
     head, logits, softmax and both matmuls run in cache, and the backward recomputes the
     probabilities rather than keeping them. Against `_softmax_attention` on oneDNN matmuls
     (`python -m benchmarks.bench_attention`, B=32, L=256, 6x64 heads): bf16 forward+backward
