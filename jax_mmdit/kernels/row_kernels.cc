@@ -108,6 +108,26 @@ void Bf16RowToF32(const uint16_t* v, int64_t D, float* out) {
   for (int64_t i = 0; i < D; ++i) out[i] = Bf16ToF32(v[i]);
 }
 
+// Row i of a float32 or bf16 array as float32: the row itself, or converted into buf.
+inline const float* RowF32(const void* base, bool bf16, int64_t i, int64_t D, float* buf) {
+  if (!bf16) return static_cast<const float*>(base) + i * D;
+  Bf16RowToF32(static_cast<const uint16_t*>(base) + i * D, D, buf);
+  return buf;
+}
+
+// acc += row (float32 or bf16), N values.
+MMDIT_CLONES
+void AddRow(const float* row, int64_t N, float* acc) {
+#pragma omp simd
+  for (int64_t i = 0; i < N; ++i) acc[i] += row[i];
+}
+
+MMDIT_CLONES
+void AddRowBf16(const uint16_t* row, int64_t N, float* acc) {
+#pragma omp simd
+  for (int64_t i = 0; i < N; ++i) acc[i] += Bf16ToF32(row[i]);
+}
+
 ffi::Error CheckAdaLn(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, int64_t* B,
                       int64_t* L, int64_t* D) {
   auto xd = x.dimensions(), sd = scale.dimensions();
@@ -161,11 +181,7 @@ ffi::Error AdaLnBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, f
       for (int64_t l = 0; l < L; ++l) {
         int64_t r = b * L + l;
         const float* xr = xs + r * D;
-        const float* d = static_cast<const float*>(g) + r * D;
-        if (bf16) {
-          Bf16RowToF32(static_cast<const uint16_t*>(g) + r * D, D, d32.data());
-          d = d32.data();
-        }
+        const float* d = RowF32(g, bf16, r, D, d32.data());
         AdaLnRowBackward(xr, d, scb, D, eps, dxs + r * D, dshb, dscb, xhat.data(), gs.data());
       }
     }
@@ -179,13 +195,6 @@ ffi::Error AdaLnBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, f
 // dscale = sum over rows of dy * x * r (per-thread partial sums, added in thread order). XLA:CPU
 // ran the forward and backward as several passes over the (B, L, H, D) arrays plus a one-thread
 // reduction for dscale (MMDiT-S/2 b32 bf16: ~300 ms of thread time per step in those fusions).
-
-// Row i of a float32 or bf16 array as float32: the row itself, or converted into buf.
-inline const float* RowF32(const void* base, bool bf16, int64_t i, int64_t D, float* buf) {
-  if (!bf16) return static_cast<const float*>(base) + i * D;
-  Bf16RowToF32(static_cast<const uint16_t*>(base) + i * D, D, buf);
-  return buf;
-}
 
 MMDIT_CLONES
 void StoreRow(const float* v, int64_t D, bool bf16, void* base, int64_t i) {
@@ -277,8 +286,7 @@ ffi::Error RmsNormBackward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::A
   }
   float* ds = dscale->typed_data();
   std::fill(ds, ds + D, 0.f);
-  for (int t = 0; t < threads; ++t)
-    for (int64_t j = 0; j < D; ++j) ds[j] += partial[static_cast<size_t>(t) * D + j];
+  for (int t = 0; t < threads; ++t) AddRow(partial.data() + static_cast<size_t>(t) * D, D, ds);
   return ffi::Error::Success();
 }
 
@@ -288,18 +296,6 @@ ffi::Error RmsNormBackward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::A
 // memory-bound sum needs one read of dz. Each thread adds a contiguous block of rows into its own
 // N floats (rows are read in order, so the hardware prefetcher streams them), then the blocks'
 // sums are added in thread order (deterministic for a given thread count).
-
-MMDIT_CLONES
-void AddRow(const float* row, int64_t N, float* acc) {
-#pragma omp simd
-  for (int64_t i = 0; i < N; ++i) acc[i] += row[i];
-}
-
-MMDIT_CLONES
-void AddRowBf16(const uint16_t* row, int64_t N, float* acc) {
-#pragma omp simd
-  for (int64_t i = 0; i < N; ++i) acc[i] += Bf16ToF32(row[i]);
-}
 
 ffi::Error ColumnSum(ffi::AnyBuffer z, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   auto zd = z.dimensions();

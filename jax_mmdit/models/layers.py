@@ -90,14 +90,6 @@ def _bf16_matmul_bwd(res, g_MxN):
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
-def _onednn_dense_grads(x_MxK, w_KxN, dz_MxN):
-    # One call for dx = dz w^T (x's dtype), dW = x^T dz (float32, for the fp32 master weights) and
-    # db (a column sum: one read of dz), the transposes as strides. As three calls XLA ran the
-    # weight gradient beside the column sum, two OpenMP teams on the same cores (see
-    # onednn_kernels.cc): the step was 1.02-1.07x slower.
-    return onednn.dense_backward(x_MxK, w_KxN, dz_MxN)
-
-
 @jax.custom_vjp
 def _onednn_dense(x_MxK: jax.Array, w_KxN: jax.Array, b_N: jax.Array) -> jax.Array:
     """x @ (w cast to x's dtype) + b -> x's dtype on oneDNN (CPU; see `jax_mmdit.kernels.onednn`),
@@ -111,8 +103,11 @@ def _onednn_dense_fwd(x_MxK, w_KxN, b_N):
 
 
 def _onednn_dense_bwd(res, g_MxN):
+    # dx (x's dtype), dW and db (float32, for the fp32 master weights) from one call, the
+    # transposes as strides. As three calls XLA ran the weight gradient beside the bias gradient's
+    # column sum, two OpenMP teams on the same cores (onednn_kernels.cc; docs/performance.md).
     x_MxK, w_KxN = res
-    return _onednn_dense_grads(x_MxK, w_KxN, g_MxN.astype(x_MxK.dtype))
+    return onednn.dense_backward(x_MxK, w_KxN, g_MxN.astype(x_MxK.dtype))
 
 
 _onednn_dense.defvjp(_onednn_dense_fwd, _onednn_dense_bwd)
@@ -133,7 +128,7 @@ def _onednn_dense_gelu_fwd(x_MxK, w_KxN, b_N):
 
 def _onednn_dense_gelu_bwd(res, g_MxN):
     x_MxK, w_KxN, z_MxN = res
-    return _onednn_dense_grads(x_MxK, w_KxN, onednn.gelu_backward(z_MxN, g_MxN.astype(z_MxN.dtype)))
+    return onednn.dense_backward(x_MxK, w_KxN, onednn.gelu_backward(z_MxN, g_MxN.astype(z_MxN.dtype)))
 
 
 _onednn_dense_gelu.defvjp(_onednn_dense_gelu_fwd, _onednn_dense_gelu_bwd)
