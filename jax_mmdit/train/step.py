@@ -76,11 +76,6 @@ def init_train_state(params, tx: optax.GradientTransformation, precision: str) -
     )
 
 
-def _tree_all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves))
-
-
 def _select(pred, a, b):
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
@@ -144,7 +139,14 @@ def make_train_step(
             state.params, batch["image"], batch["label"], step_rng, state.loss_scale
         )
         grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
-        grads_finite = _tree_all_finite(grads)
+        # One scalar says whether every gradient is finite: a NaN or inf anywhere makes the global
+        # norm NaN or inf. (So does a norm past float32's range, ~1.8e19, a step that clipping would
+        # zero anyway.) Per-leaf all(isfinite) flags and-ed together gave the same answer, but XLA
+        # duplicated that and-chain into each of the ~4 select fusions per weight below: an HLO
+        # quadratic in the number of weights (MMDiT-S/2: 750k instructions, 49 s to compile; now
+        # 53k and 9 s).
+        grad_norm = optax.tree.norm(grads)
+        grads_finite = jnp.isfinite(grad_norm)
         loss_finite = jnp.isfinite(loss)
         apply = grads_finite & loss_finite
 
@@ -183,7 +185,7 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
             "loss_bin_sum": aux["loss_bin_sum"],
             "loss_bin_count": aux["loss_bin_count"],
