@@ -1,6 +1,7 @@
-"""Training-step benchmark: jax_mmdit's DiT against diffusers' PyTorch DiT, in one invocation.
+"""Training-step benchmark: jax_mmdit's DiT and MMDiT against diffusers' PyTorch DiT and SD3
+MMDiT (`DiTTransformer2DModel`, `SD3Transformer2DModel`), in one invocation.
 
-    python -m benchmarks.bench_train            # CPU table (~30 min on 2 cores)
+    python -m benchmarks.bench_train            # CPU table (~45 min on 2 cores)
     python -m benchmarks.bench_train --quick    # tiny shapes, CI smoke (< 2 min)
     python -m benchmarks.bench_train --gpu      # DiT-B/2, DiT-XL/2 bf16 on a GPU, MFU vs the card's peak
 
@@ -281,6 +282,9 @@ CPU_CASES = {
     "s2-b32": ("DiT-S/2 32x32x3 b32", {"preset": "DiT-S/2", "model": _S2, "batch": 32}),
     "s2-b128": ("DiT-S/2 32x32x3 b128", {"preset": "DiT-S/2", "model": _S2, "batch": 128}),
     "default": ("fashion_mnist (default) b128", {"base": "fashion_mnist", "batch": 128}),
+    # 256 image tokens + 4 learned class tokens per image (our MMDiT's class conditioning; the
+    # torch rows feed the same tokens to SD3Transformer2DModel, workers._torch_mmdit).
+    "mmdit-s2-b32": ("MMDiT-S/2 32x32x3 b32", {"preset": "MMDiT-S/2", "model": _S2, "batch": 32}),
 }
 
 
@@ -396,7 +400,7 @@ def parse_args(argv=None):
     p.add_argument("--gpu-batch", type=int, default=256, help="GPU batch; halved until it fits")
     p.add_argument("--gpu-models", nargs="+", default=["DiT-B/2", "DiT-XL/2"], help="GPU: model presets")
     p.add_argument("--with-fp32", action="store_true", help="GPU: also time the fp32 step")
-    p.add_argument("--only", nargs="*", choices=["s2-b32", "s2-b128", "default"], help="CPU config subset")
+    p.add_argument("--only", nargs="*", choices=list(CPU_CASES), help="CPU config subset")
     p.add_argument("--rounds", type=int, default=None, help="alternating timing rounds (default 3, quick 2)")
     p.add_argument("--segment-s", type=float, default=None, help="target seconds per timed segment")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],

@@ -169,7 +169,40 @@ def jax_train(spec: dict) -> None:
     })
 
 
-# ---- PyTorch: diffusers DiTTransformer2DModel, same config, same loss, AdamW + clip + EMA ----------
+# ---- PyTorch: diffusers DiTTransformer2DModel / SD3Transformer2DModel, same config, same loss,
+# AdamW + clip + EMA ----------------------------------------------------------------------------------
+def _torch_mmdit(m, label_dropout: float):
+    """diffusers' SD3Transformer2DModel (the MMDiT our convert.py maps) with our MMDiT's class
+    conditioning around it: `num_context_tokens` learned tokens and a pooled embedding per class
+    (null row for CFG, labels dropped as in training). SD3 then runs its own context projection
+    and pooled MLP on them: a (T, D) x (D, D) linear and a (D, D) MLP per image more than ours."""
+    import diffusers
+    import torch
+
+    D, T, null = m.hidden_size, m.num_context_tokens, m.num_classes
+
+    class ClassConditionedSD3(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = diffusers.SD3Transformer2DModel(
+                sample_size=m.image_size, patch_size=m.patch_size, in_channels=m.in_channels,
+                num_layers=m.depth, attention_head_dim=m.head_dim, num_attention_heads=m.num_heads,
+                joint_attention_dim=D, caption_projection_dim=D, pooled_projection_dim=D,
+                out_channels=m.out_channels, pos_embed_max_size=m.grid_size,
+                qk_norm="rms_norm" if m.qk_norm else None,
+            )  # fmt: skip
+            self.class_tokens = torch.nn.Embedding(null + 1, T * D)
+            self.class_pooled = torch.nn.Embedding(null + 1, D)
+
+        def forward(self, x, timestep, class_labels):
+            drop = torch.rand(class_labels.shape, device=class_labels.device) < label_dropout
+            y = torch.where(drop, torch.full_like(class_labels, null), class_labels)
+            ctx = self.class_tokens(y).view(y.shape[0], T, D)
+            return self.net(x, encoder_hidden_states=ctx, pooled_projections=self.class_pooled(y), timestep=timestep)
+
+    return ClassConditionedSD3()
+
+
 def torch_train(spec: dict) -> None:
     import torch
 
@@ -186,11 +219,15 @@ def torch_train(spec: dict) -> None:
     cfg = train_config(spec)
     m = cfg.model
     dev = torch.device("cuda" if spec.get("cuda") else "cpu")
-    model = diffusers.DiTTransformer2DModel(
-        num_attention_heads=m.num_heads, attention_head_dim=m.head_dim, in_channels=m.in_channels,
-        out_channels=m.out_channels, num_layers=m.depth, sample_size=m.image_size, patch_size=m.patch_size,
-        num_embeds_ada_norm=max(m.num_classes, 1), norm_eps=1e-6,
-    ).to(dev).train()  # fmt: skip
+    if m.arch == "mmdit":
+        model = _torch_mmdit(m, cfg.flow.label_dropout)
+    else:
+        model = diffusers.DiTTransformer2DModel(
+            num_attention_heads=m.num_heads, attention_head_dim=m.head_dim, in_channels=m.in_channels,
+            out_channels=m.out_channels, num_layers=m.depth, sample_size=m.image_size, patch_size=m.patch_size,
+            num_embeds_ada_norm=max(m.num_classes, 1), norm_eps=1e-6,
+        )  # fmt: skip
+    model = model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     opt = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
@@ -203,7 +240,8 @@ def torch_train(spec: dict) -> None:
 
     def step():
         # Same maths as jax_mmdit.flow's loss: logit-normal t, x_t = (1-t) x + t eps, v = eps - x.
-        # Label dropout happens inside diffusers' label embedder (class_dropout_prob 0.1).
+        # Label dropout happens inside the model: diffusers DiT's label embedder
+        # (class_dropout_prob 0.1), ClassConditionedSD3.forward.
         t = torch.sigmoid(torch.randn(x.shape[0], device=dev))
         noise = torch.randn_like(x)
         tb = t[:, None, None, None]

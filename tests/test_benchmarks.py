@@ -29,3 +29,25 @@ def test_a_stopped_worker_restarts_from_its_compilation_cache(tmp_path):
     finally:
         w.quit()
     assert not w.running
+
+
+def test_the_torch_mmdit_reference_is_sd3_with_our_class_conditioning():
+    # bench_train's MMDiT rows time diffusers' SD3Transformer2DModel against ours: same blocks and
+    # weights, plus SD3's context projection and pooled MLP (our class tokens skip both).
+    import jax
+    import torch
+
+    from benchmarks.workers import _torch_mmdit, train_config
+    from jax_mmdit.train.trainer import Trainer
+
+    model = {"image_size": 16, "in_channels": 3, "hidden_size": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
+    cfg = train_config({"preset": "MMDiT-S/2", "model": model, "batch": 4})
+    ref = _torch_mmdit(cfg.model, label_dropout=0.1)
+    D = cfg.model.hidden_size
+    sd3_extras = (D * D + D) + 2 * (D * D + D)  # context_embedder; pooled MLP (two linears)
+    ours = Trainer(cfg, devices=jax.devices()[:1], with_data=False).num_params
+    assert sum(p.numel() for p in ref.parameters()) == ours + sd3_extras
+    assert ref.net.config.qk_norm == "rms_norm" and cfg.model.qk_norm
+    x = torch.randn(4, 3, 16, 16)
+    out = ref(x, timestep=torch.rand(4) * 1000, class_labels=torch.arange(4)).sample
+    assert out.shape == x.shape
