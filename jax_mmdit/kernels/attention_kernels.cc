@@ -411,53 +411,9 @@ ffi::Error AttentionPackedBackward(ffi::AnyBuffer qkv, ffi::AnyBuffer d_o, ffi::
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionFwd, AttentionForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionBwd, AttentionBackward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionPackedFwd, AttentionPackedForward,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionPackedBwd, AttentionPackedBackward,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionJointFwd, AttentionJointForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionJointBwd, AttentionJointBackward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionFwd, AttentionForward, (AnyBuffers<3, 1>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionBwd, AttentionBackward, (AnyBuffers<4, 3>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionPackedFwd, AttentionPackedForward, (AnyBuffers<1, 1>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionPackedBwd, AttentionPackedBackward, (AnyBuffers<2, 1>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionJointFwd, AttentionJointForward, (AnyBuffers<6, 2>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditOnednnAttentionJointBwd, AttentionJointBackward, (AnyBuffers<8, 6>()));
