@@ -7,6 +7,7 @@ installs g++ and libdnnl-dev through `make setup`.
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +128,22 @@ def test_linear_kernels_match_float64_reference(use_onednn, dtype, gelu):
     for name, ref in want.items():
         err = np.abs(np.asarray(got[name], np.float64) - ref).max() / np.abs(ref).max()
         assert err < tol, (name, err)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_backward_by_blocks_of_rows_matches_float64(use_onednn, dtype):
+    # Tall enough that every OpenMP thread (at most one per CPU) gets blocks of rows (512 at most):
+    # the kernel then sums per-thread partial weight and bias gradients. An odd M gives threads
+    # and blocks of unequal sizes.
+    M = 512 * (os.cpu_count() or 1) + 37
+    x, w, dz = _rand((M, 24), dtype, 40), _rand((24, 48), dtype, 41), _rand((M, 48), dtype, 42)
+    dx, dw, db = onednn.dense_backward(x, w, dz)
+    x64, w64, dz64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, w, dz))
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5  # bf16: dx rounded once; dW, db float32
+    for got, ref in ((dx, dz64 @ w64.T), (dw, x64.T @ dz64), (db, dz64.sum(0))):
+        err = np.abs(np.asarray(got.astype(jnp.float32), np.float64) - ref).max() / np.abs(ref).max()
+        assert err < tol, err
+    assert dw.dtype == db.dtype == jnp.float32 and dx.dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -33,5 +33,7 @@ auto AnyBuffers(Binding binding = ffi::Ffi::Bind()) {
 // db (N) = the sum over the M rows of z (M, N, float32 or bf16): the dense layers' bias gradient
 // (row_kernels.cc).
 void ColumnSumInto(const void* z, bool bf16, int64_t M, int64_t N, float* db);
+// acc (N) += the sum over the M rows of z, on the calling thread.
+void ColumnSumAdd(const void* z, bool bf16, int64_t M, int64_t N, float* acc);
 
 }  // namespace mmdit

@@ -361,20 +361,25 @@ ffi::Error GatedResidualBackward(ffi::Buffer<ffi::F32> gate, ffi::AnyBuffer a, f
 
 }  // namespace
 
+void ColumnSumAdd(const void* z, bool bf16, int64_t M, int64_t N, float* acc) {
+  for (int64_t r = 0; r < M; ++r) {
+    if (bf16) AddRowBf16(static_cast<const uint16_t*>(z) + r * N, N, acc);
+    else AddRow(static_cast<const float*>(z) + r * N, N, acc);
+  }
+}
+
 void ColumnSumInto(const void* z, bool bf16, int64_t M, int64_t N, float* db) {
   int threads = std::max(1, omp_get_max_threads());
   std::vector<float> partial(static_cast<size_t>(threads) * N, 0.f);
 #pragma omp parallel num_threads(threads)
   {
     int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    float* acc = partial.data() + static_cast<size_t>(t) * N;
-    for (int64_t r = M * t / nt; r < M * (t + 1) / nt; ++r) {
-      if (bf16) AddRowBf16(static_cast<const uint16_t*>(z) + r * N, N, acc);
-      else AddRow(static_cast<const float*>(z) + r * N, N, acc);
-    }
+    int64_t r0 = M * t / nt, r1 = M * (t + 1) / nt;
+    ColumnSumAdd(static_cast<const char*>(z) + r0 * N * (bf16 ? 2 : 4), bf16, r1 - r0, N,
+                 partial.data() + static_cast<size_t>(t) * N);
   }
   std::fill(db, db + N, 0.f);
-  for (int t = 0; t < threads; ++t) AddRow(partial.data() + static_cast<size_t>(t) * N, N, db);
+  ColumnSumAdd(partial.data(), false, threads, N, db);
 }
 
 }  // namespace mmdit
