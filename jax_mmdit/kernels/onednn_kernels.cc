@@ -221,8 +221,8 @@ ffi::Error GeluBackward(ffi::AnyBuffer z, ffi::AnyBuffer g, ffi::Result<ffi::Any
 // takes an equal share of the rows and runs the three block by block on single-threaded primitives
 // (oneDNN runs one thread inside a parallel region), the block staying in the core's cache in
 // between. As three whole-array passes, the default config's fc1 backward took 12.7 ms in the
-// train step against ~10 ms alone on inputs already in cache. (The same for linear + GELU, the
-// GELU reading each block of z from cache, measured no faster: that pass is not memory-bound.)
+// train step against ~10 ms alone on inputs already in cache. (Linear + GELU by the same blocks,
+// the GELU reading each block of z from cache, measured no faster: that pass is not memory-bound.)
 
 // Rows per block: ~1.5 MiB of an (N)-wide row of `elem`-byte values, so a block and its slice of
 // the other operand stay in a core's 2 MiB L2; at most 512 (256 measured the same, 1024 slower in
@@ -240,41 +240,6 @@ struct RowBlocks {
   int64_t first(int64_t b) const { return begin + (end - begin) * b / n; }
   int64_t last(int64_t b) const { return first(b + 1); }
 };
-
-// Whether to go by blocks: every thread gets at least one full block.
-bool UseRowBlocks(int64_t M, int threads, int64_t block_rows) { return M >= threads * block_rows; }
-
-// The sizes of the blocks (at most two per thread): make their primitives before the parallel
-// region.
-std::vector<int64_t> BlockSizes(int64_t M, int threads, int64_t block_rows) {
-  std::vector<int64_t> sizes;
-  for (int t = 0; t < threads; ++t) {
-    RowBlocks rb(M, threads, t, block_rows);
-    for (int64_t b : {int64_t{0}, rb.n - 1}) sizes.push_back(rb.last(b) - rb.first(b));
-  }
-  return sizes;
-}
-
-// body(t, first row, end row, stream) for every block of every share t < threads, a share's blocks
-// in order on one thread (a team smaller than asked for takes several shares each).
-template <typename Body>
-void ForEachRowBlock(int64_t M, int threads, int64_t block_rows, Body body) {
-  std::string error;
-#pragma omp parallel num_threads(threads)
-  {
-    try {
-      dnnl::stream stream(Engine());
-      for (int t = omp_get_thread_num(); t < threads; t += omp_get_num_threads()) {
-        RowBlocks rb(M, threads, t, block_rows);
-        for (int64_t b = 0; b < rb.n; ++b) body(t, rb.first(b), rb.last(b), stream);
-      }
-    } catch (const std::exception& e) {
-#pragma omp critical
-      error = e.what();
-    }
-  }
-  if (!error.empty()) throw std::runtime_error(error);
-}
 
 // rows, K, N, bf16, accumulate: dW (+)= x_b^T dz_b for one block of rows (run single-threaded).
 using WeightGradKey = std::tuple<int64_t, int64_t, int64_t, bool, bool>;
@@ -311,30 +276,51 @@ ffi::Error BlockedDenseBackward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuff
   std::vector<float> db_part(static_cast<size_t>(threads) * N, 0.f);
   const char *xp = static_cast<const char*>(x.untyped_data()), *zp = static_cast<const char*>(dz.untyped_data());
   char* dxp = static_cast<char*>(dx->untyped_data());
-  try {
-    for (int64_t rows : BlockSizes(M, threads, block_rows)) {
-      Primitive(Key{1, rows, N, K, false, true, false, bf16, bf16});
-      for (bool accumulate : {false, true}) WeightGradPrimitive({rows, K, N, bf16, accumulate});
+  try {  // every block size's primitives (at most two sizes per share), made before the parallel region
+    for (int t = 0; t < threads; ++t) {
+      RowBlocks rb(M, threads, t, block_rows);
+      for (int64_t b : {int64_t{0}, rb.n - 1}) {
+        int64_t rows = rb.last(b) - rb.first(b);
+        Primitive(Key{1, rows, N, K, false, true, false, bf16, bf16});
+        for (bool accumulate : {false, true}) WeightGradPrimitive({rows, K, N, bf16, accumulate});
+      }
     }
-    ForEachRowBlock(M, threads, block_rows, [&](int t, int64_t r0, int64_t r1, dnnl::stream& stream) {
-      auto& eng = Engine();
-      float* dw_t = t == 0 ? dw->typed_data() : dw_part.get() + static_cast<size_t>(t - 1) * K * N;
-      void* zb = const_cast<char*>(zp + r0 * N * elem);
-      const Entry& dxe = Primitive(Key{1, r1 - r0, N, K, false, true, false, bf16, bf16});
-      dxe.prim.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(dxe.pd.src_desc(), eng, zb)},
-                                {DNNL_ARG_WEIGHTS, dnnl::memory(dxe.pd.weights_desc(), eng, w.untyped_data())},
-                                {DNNL_ARG_DST, dnnl::memory(dxe.pd.dst_desc(), eng, dxp + r0 * K * elem)},
-                                {DNNL_ARG_SCRATCHPAD, ThreadScratchpad(dxe.pd.scratchpad_desc().get_size())}});
-      const Entry& dwe = WeightGradPrimitive({r1 - r0, K, N, bf16, r0 != M * t / threads});
-      dwe.prim.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(dwe.pd.src_desc(), eng, const_cast<char*>(xp + r0 * K * elem))},
-                                {DNNL_ARG_WEIGHTS, dnnl::memory(dwe.pd.weights_desc(), eng, zb)},
-                                {DNNL_ARG_DST, dnnl::memory(dwe.pd.dst_desc(), eng, dw_t)},
-                                {DNNL_ARG_SCRATCHPAD, ThreadScratchpad(dwe.pd.scratchpad_desc().get_size())}});
-      ColumnSumAdd(zb, bf16, r1 - r0, N, db_part.data() + static_cast<size_t>(t) * N);
-    });
-  } catch (const std::exception& e) {
+  } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("dense_bwd: ") + e.what());
   }
+  std::string error;
+#pragma omp parallel num_threads(threads)
+  {
+    try {
+      auto& eng = Engine();
+      dnnl::stream stream(eng);
+      // Share by share (a team smaller than asked for takes several), each share's blocks in order.
+      for (int t = omp_get_thread_num(); t < threads; t += omp_get_num_threads()) {
+        float* dw_t = t == 0 ? dw->typed_data() : dw_part.get() + static_cast<size_t>(t - 1) * K * N;
+        RowBlocks rb(M, threads, t, block_rows);
+        for (int64_t b = 0; b < rb.n; ++b) {
+          int64_t r0 = rb.first(b), rows = rb.last(b) - r0;
+          void* zb = const_cast<char*>(zp + r0 * N * elem);
+          const Entry& dxe = Primitive(Key{1, rows, N, K, false, true, false, bf16, bf16});
+          dxe.prim.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(dxe.pd.src_desc(), eng, zb)},
+                                    {DNNL_ARG_WEIGHTS, dnnl::memory(dxe.pd.weights_desc(), eng, w.untyped_data())},
+                                    {DNNL_ARG_DST, dnnl::memory(dxe.pd.dst_desc(), eng, dxp + r0 * K * elem)},
+                                    {DNNL_ARG_SCRATCHPAD, ThreadScratchpad(dxe.pd.scratchpad_desc().get_size())}});
+          const Entry& dwe = WeightGradPrimitive({rows, K, N, bf16, b > 0});
+          void* xb = const_cast<char*>(xp + r0 * K * elem);
+          dwe.prim.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(dwe.pd.src_desc(), eng, xb)},
+                                    {DNNL_ARG_WEIGHTS, dnnl::memory(dwe.pd.weights_desc(), eng, zb)},
+                                    {DNNL_ARG_DST, dnnl::memory(dwe.pd.dst_desc(), eng, dw_t)},
+                                    {DNNL_ARG_SCRATCHPAD, ThreadScratchpad(dwe.pd.scratchpad_desc().get_size())}});
+          ColumnSumAdd(zb, bf16, rows, N, db_part.data() + static_cast<size_t>(t) * N);
+        }
+      }
+    } catch (const std::exception& e) {
+#pragma omp critical
+      error = e.what();
+    }
+  }
+  if (!error.empty()) return ffi::Error::Internal("dense_bwd: " + error);
   float *dwo = dw->typed_data(), *dbo = db->typed_data();
   int64_t KN = K * N;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -354,7 +340,7 @@ ffi::Error DenseBackward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dz, 
   // Tall dz (each thread gets at least a block of rows): blocked, dz read from memory once.
   int threads = std::max(1, omp_get_max_threads());
   int64_t block_rows = BlockRows(zd[1], dz.element_type() == ffi::BF16 ? 2 : 4);
-  if (UseRowBlocks(zd[0], threads, block_rows))
+  if (zd[0] >= threads * block_rows)
     return BlockedDenseBackward(x, w, dz, dx, dw, db, threads, block_rows);
   if (auto err = RunMatmul("dense_bwd", dz, w, dx->untyped_data(), dx->element_type(), false, true); !err.success())
     return err;

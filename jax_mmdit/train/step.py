@@ -141,10 +141,10 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
         # One scalar says whether every gradient is finite: a NaN or inf anywhere makes the global
         # norm NaN or inf. (So does a norm past float32's range, ~1.8e19: a gradient no step should
-        # follow, which clipping would have zeroed.) Per-leaf all(isfinite) flags and-ed together gave the same answer, but XLA
-        # duplicated that and-chain into each of the ~4 select fusions per weight below: an HLO
-        # quadratic in the number of weights (MMDiT-S/2: 750k instructions, 49 s to compile; now
-        # 53k and 9 s).
+        # follow, which clipping would have zeroed.) Per-leaf all(isfinite) flags and-ed together
+        # gave the same answer, but XLA duplicated that and-chain into each of the ~4 select
+        # fusions per weight below: an HLO quadratic in the number of weights (MMDiT-S/2: 750k
+        # instructions, 49 s to compile; now 53k and 9 s).
         grad_norm = optax.tree.norm(grads)
         grads_finite = jnp.isfinite(grad_norm)
         loss_finite = jnp.isfinite(loss)
