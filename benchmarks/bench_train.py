@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -328,16 +329,34 @@ def _fmt(v, spec: str, none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name and the ISA extensions that decide the matmul rates (AMX, AVX512-BF16):
+    the same VM has been an Intel Xeon with AMX on some days and an AMD EPYC Zen 4 on others."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags_line = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(flags_line.group(1).split()) if flags_line else set()
+    isa = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+           if flag in flags]
+    return f"{name.group(1).strip() if name else platform.machine()} ({', '.join(isa) or 'no AVX-512'})"
+
+
 def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -> str:
     peak = max((p.get("numpy_fp32", 0.0) for p in peaks), default=0.0) * 1e9 or None
     lines = []
-    host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    host = f"{_cpu_name()}, {os.cpu_count()} cores"
     devices = sorted({w.info["device"] for _, ws in results for w in ws if w.info.get("device")})
     lines.append(f"# bench_train {datetime.date.today()} on {host} ({'quick' if args.quick else 'gpu' if args.gpu else 'full'}); "
                  f"devices: {', '.join(devices) or '-'}; malloc: {args.allocator}")
-    onednn_rows = sorted({w.label for _, ws in results for w in ws if w.info.get("onednn")})
-    if onednn_rows:
-        lines.append("jax matmuls on the oneDNN custom call (jax_mmdit.kernels.onednn) in: " + ", ".join(onednn_rows))
+    kernel_rows = sorted({w.label for _, ws in results for w in ws if w.info.get("kernels")})
+    jax_rows = sorted({w.label for _, ws in results for w in ws if w.spec.get("kind") == "jax_train"})
+    lines.append("jax rows on the package's C++/oneDNN kernels (jax_mmdit.kernels): "
+                 + (", ".join(kernel_rows) or "none") + (f"; on XLA's own ops: {', '.join(sorted(set(jax_rows) - set(kernel_rows)))}"
+                                                          if set(jax_rows) - set(kernel_rows) else ""))
     if peaks:
         lines.append("matmul GFLOP/s (best size, median): " + "; ".join(
             f"run {i + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) for i, p in enumerate(peaks)))

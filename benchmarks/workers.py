@@ -165,7 +165,7 @@ def jax_train(spec: dict) -> None:
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
         "peak_flops": profiler.device_peak_flops(dev, tr.model_cfg.dtype),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": cfg.batch_size,
-        "onednn": onednn.TARGET in tr._compiled_step.as_text(),
+        "kernels": sorted(onednn.kernel_calls(tr._compiled_step.as_text())),
     })
 
 

@@ -550,8 +550,10 @@ def test_train_steps_on_onednn_match_xla(tmp_path, monkeypatch, precision):
         it = tr.train_data.iterator(cfg.batch_size, seed=cfg.seed)
         losses[mode] = np.asarray(jax.device_get([tr.train_step(next(it))["loss"] for _ in range(3)]))
         text = tr._compiled_step.as_text()
-        kernels = (onednn.DENSE_BWD, onednn.ATTENTION_PACKED_BWD, onednn.ADALN_BWD, onednn.GATED_RESIDUAL_BWD)
-        assert all((k in text) == (mode == "on") for k in kernels)
+        # What the benchmark reports per row: which of the kernels the compiled step calls.
+        expected = {onednn.DENSE_BWD, onednn.ATTENTION_PACKED_BWD, onednn.ADALN_BWD, onednn.GATED_RESIDUAL_BWD}
+        calls = onednn.kernel_calls(text)
+        assert expected <= calls if mode == "on" else calls == set()
     assert len(set(np.round(losses["off"], 6))) == 3  # the loss moves, so parameters were updated
     np.testing.assert_allclose(losses["on"], losses["off"], rtol=1e-3 if precision == "bf16" else 1e-5)
 

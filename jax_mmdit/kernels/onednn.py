@@ -70,6 +70,9 @@ ATTENTION_JOINT_FWD = "mmdit_onednn_attention_joint_fwd"
 ATTENTION_JOINT_BWD = "mmdit_onednn_attention_joint_bwd"
 RMS_NORM_FWD = "mmdit_rms_norm_fwd"
 RMS_NORM_BWD = "mmdit_rms_norm_bwd"
+TARGETS = (TARGET, ATTENTION_FWD, ATTENTION_BWD, LINEAR, LINEAR_GELU, GELU_BWD, ADALN_FWD, ADALN_BWD, COLUMN_SUM,
+           DENSE_BWD, ATTENTION_PACKED_FWD, ATTENTION_PACKED_BWD, GATED_RESIDUAL_BWD, ATTENTION_JOINT_FWD,
+           ATTENTION_JOINT_BWD, RMS_NORM_FWD, RMS_NORM_BWD)
 
 
 def _mode() -> str:
@@ -385,6 +388,11 @@ _DENSE_FLOPS = {LINEAR: 2.0, LINEAR_GELU: 2.0, DENSE_BWD: 4.0}
 _RANKS = {**{t: (2, 2) for t in _DENSE_FLOPS}, ATTENTION_FWD: (4, 4), ATTENTION_BWD: (4, 4),
           ATTENTION_PACKED_FWD: (5,), ATTENTION_PACKED_BWD: (5, 4), ATTENTION_JOINT_FWD: (4, 4, 4, 4),
           ATTENTION_JOINT_BWD: (4, 4, 4, 4)}
+
+
+def kernel_calls(hlo_text: str) -> set[str]:
+    """The custom-call targets of this module that compiled HLO text calls (empty: XLA's own ops ran)."""
+    return set(re.findall(r'custom_call_target="(mmdit_[a-z_]+)"', hlo_text)) & set(TARGETS)
 
 
 def hlo_flops(hlo_text: str) -> float:
