@@ -353,10 +353,11 @@ def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -
     lines.append(f"# bench_train {datetime.date.today()} on {host} ({'quick' if args.quick else 'gpu' if args.gpu else 'full'}); "
                  f"devices: {', '.join(devices) or '-'}; malloc: {args.allocator}")
     kernel_rows = sorted({w.label for _, ws in results for w in ws if w.info.get("kernels")})
-    jax_rows = sorted({w.label for _, ws in results for w in ws if w.spec.get("kind") == "jax_train"})
-    lines.append("jax rows on the package's C++/oneDNN kernels (jax_mmdit.kernels): "
-                 + (", ".join(kernel_rows) or "none") + (f"; on XLA's own ops: {', '.join(sorted(set(jax_rows) - set(kernel_rows)))}"
-                                                          if set(jax_rows) - set(kernel_rows) else ""))
+    jax_rows = {w.label for _, ws in results for w in ws if w.spec.get("kind") == "jax_train"}
+    line = "jax rows on the package's C++/oneDNN kernels (jax_mmdit.kernels): " + (", ".join(kernel_rows) or "none")
+    if jax_rows - set(kernel_rows):
+        line += "; on XLA's own ops: " + ", ".join(sorted(jax_rows - set(kernel_rows)))
+    lines.append(line)
     if peaks:
         lines.append("matmul GFLOP/s (best size, median): " + "; ".join(
             f"run {i + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) for i, p in enumerate(peaks)))

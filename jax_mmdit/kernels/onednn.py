@@ -70,9 +70,17 @@ ATTENTION_JOINT_FWD = "mmdit_onednn_attention_joint_fwd"
 ATTENTION_JOINT_BWD = "mmdit_onednn_attention_joint_bwd"
 RMS_NORM_FWD = "mmdit_rms_norm_fwd"
 RMS_NORM_BWD = "mmdit_rms_norm_bwd"
-TARGETS = (TARGET, ATTENTION_FWD, ATTENTION_BWD, LINEAR, LINEAR_GELU, GELU_BWD, ADALN_FWD, ADALN_BWD, COLUMN_SUM,
-           DENSE_BWD, ATTENTION_PACKED_FWD, ATTENTION_PACKED_BWD, GATED_RESIDUAL_BWD, ATTENTION_JOINT_FWD,
-           ATTENTION_JOINT_BWD, RMS_NORM_FWD, RMS_NORM_BWD)
+# Each custom-call target and the C symbol of its FFI handler in the built library.
+_HANDLERS = {TARGET: "MmditOnednnMatmul", ATTENTION_FWD: "MmditOnednnAttentionFwd",
+             ATTENTION_BWD: "MmditOnednnAttentionBwd", LINEAR: "MmditOnednnLinear",
+             LINEAR_GELU: "MmditOnednnLinearGelu", GELU_BWD: "MmditOnednnGeluBwd", ADALN_FWD: "MmditAdaLnFwd",
+             ADALN_BWD: "MmditAdaLnBwd", COLUMN_SUM: "MmditColumnSum", DENSE_BWD: "MmditDenseBwd",
+             ATTENTION_PACKED_FWD: "MmditOnednnAttentionPackedFwd",
+             ATTENTION_PACKED_BWD: "MmditOnednnAttentionPackedBwd", GATED_RESIDUAL_BWD: "MmditGatedResidualBwd",
+             RMS_NORM_FWD: "MmditRmsNormFwd", RMS_NORM_BWD: "MmditRmsNormBwd",
+             ATTENTION_JOINT_FWD: "MmditOnednnAttentionJointFwd",
+             ATTENTION_JOINT_BWD: "MmditOnednnAttentionJointBwd"}
+TARGETS = tuple(_HANDLERS)
 
 
 def _mode() -> str:
@@ -127,19 +135,8 @@ def _load() -> str | None:
         lib = ctypes.cdll.LoadLibrary(str(build()))
     except (RuntimeError, OSError) as e:
         return str(e)
-    for target, symbol in ((TARGET, lib.MmditOnednnMatmul), (ATTENTION_FWD, lib.MmditOnednnAttentionFwd),
-                           (ATTENTION_BWD, lib.MmditOnednnAttentionBwd), (LINEAR, lib.MmditOnednnLinear),
-                           (LINEAR_GELU, lib.MmditOnednnLinearGelu),
-                           (GELU_BWD, lib.MmditOnednnGeluBwd), (ADALN_FWD, lib.MmditAdaLnFwd),
-                           (ADALN_BWD, lib.MmditAdaLnBwd), (COLUMN_SUM, lib.MmditColumnSum),
-                           (DENSE_BWD, lib.MmditDenseBwd),
-                           (ATTENTION_PACKED_FWD, lib.MmditOnednnAttentionPackedFwd),
-                           (ATTENTION_PACKED_BWD, lib.MmditOnednnAttentionPackedBwd),
-                           (GATED_RESIDUAL_BWD, lib.MmditGatedResidualBwd),
-                           (RMS_NORM_FWD, lib.MmditRmsNormFwd), (RMS_NORM_BWD, lib.MmditRmsNormBwd),
-                           (ATTENTION_JOINT_FWD, lib.MmditOnednnAttentionJointFwd),
-                           (ATTENTION_JOINT_BWD, lib.MmditOnednnAttentionJointBwd)):
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
+    for target, symbol in _HANDLERS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return None
 
 
