@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+from benchmarks.workers import cpu_name
+
 # (name, B, L, H, D): DiT-S/2 at 32x32 batch 32; the default fashion_mnist config at batch 128.
 SHAPES = [("DiT-S/2 b32", 32, 256, 6, 64), ("default b128", 128, 49, 3, 64)]
 
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     if not onednn.enabled():
         print("the oneDNN kernels are not enabled here (MMDIT_ONEDNN, or they did not build)", file=sys.stderr)
         return 1
-    print(f"# bench_attention: median ms per call over {args.rounds} alternated rounds; "
+    print(f"# bench_attention on {cpu_name()}: median ms per call over {args.rounds} alternated rounds; "
           f"malloc: {'jemalloc' if 'jemalloc' in os.environ.get('LD_PRELOAD', '') else 'system'}")
     print("| shape (B, L, H, D) | dtype | fused fwd | xla softmax fwd | torch flash fwd | fused fwd+bwd | "
           "xla softmax fwd+bwd | torch flash fwd+bwd | fused speed-up fwd+bwd |")

@@ -26,6 +26,7 @@ import sys
 import time
 
 from benchmarks.bench_attention import _median_ms
+from benchmarks.workers import cpu_name
 
 # adaLN (name, B, L, D); bias gradient (name, M, N): DiT-S/2 at 32x32 batch 32 (fc1, qkv, proj) and
 # the default fashion_mnist config at batch 128 (fc1, qkv).
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
         print("the kernels are not enabled here (MMDIT_ONEDNN, or they did not build)", file=sys.stderr)
         return 1
     malloc = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"
-    print(f"# bench_kernels: median ms per call over {args.rounds} alternated rounds; malloc: {malloc}")
+    print(f"# bench_kernels on {cpu_name()}: median ms per call over {args.rounds} alternated rounds; malloc: {malloc}")
     print("| adaLN (B, L, D) | dtype | kernel fwd | xla fwd | kernel fwd+bwd | xla fwd+bwd | speed-up fwd+bwd |")
     print("|---|---|---|---|---|---|---|")
     for name, B, L, D in ADALN_SHAPES:

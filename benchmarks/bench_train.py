@@ -22,8 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -31,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.workers import PREFIX
+from benchmarks.workers import PREFIX, cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 # PyTorch's intra-op threads: one per core of the 2-core machine the reference numbers come from
@@ -329,26 +327,10 @@ def _fmt(v, spec: str, none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
-def _cpu_name() -> str:
-    """The CPU's model name and the ISA extensions that decide the matmul rates (AMX, AVX512-BF16):
-    the same VM has been an Intel Xeon with AMX on some days and an AMD EPYC Zen 4 on others."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
-    flags_line = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
-    flags = set(flags_line.group(1).split()) if flags_line else set()
-    isa = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
-           if flag in flags]
-    return f"{name.group(1).strip() if name else platform.machine()} ({', '.join(isa) or 'no AVX-512'})"
-
-
 def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -> str:
     peak = max((p.get("numpy_fp32", 0.0) for p in peaks), default=0.0) * 1e9 or None
     lines = []
-    host = f"{_cpu_name()}, {os.cpu_count()} cores"
+    host = f"{cpu_name()}, {os.cpu_count()} cores"
     devices = sorted({w.info["device"] for _, ws in results for w in ws if w.info.get("device")})
     lines.append(f"# bench_train {datetime.date.today()} on {host} ({'quick' if args.quick else 'gpu' if args.gpu else 'full'}); "
                  f"devices: {', '.join(devices) or '-'}; malloc: {args.allocator}")

@@ -15,10 +15,28 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import re
 import sys
 import time
 
 PREFIX = "@@bench "
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the ISA extensions that decide the matmul rates (AMX, AVX512-BF16):
+    the same VM has been an Intel Xeon with AMX on some days and an AMD EPYC Zen 4 on others."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags_line = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(flags_line.group(1).split()) if flags_line else set()
+    isa = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+           if flag in flags]
+    return f"{name.group(1).strip() if name else platform.machine()} ({', '.join(isa) or 'no AVX-512'})"
 
 
 def emit(obj: dict) -> None:

@@ -276,16 +276,18 @@ ffi::Error BlockedDenseBackward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuff
   std::vector<float> db_part(static_cast<size_t>(threads) * N, 0.f);
   const char *xp = static_cast<const char*>(x.untyped_data()), *zp = static_cast<const char*>(dz.untyped_data());
   char* dxp = static_cast<char*>(dx->untyped_data());
+  // dx_b = dz_b w^T for a block of `rows` rows.
+  auto dx_key = [&](int64_t rows) { return Key{1, rows, N, K, false, true, false, bf16, bf16}; };
   try {  // every block size's primitives (at most two sizes per share), made before the parallel region
     for (int t = 0; t < threads; ++t) {
       RowBlocks rb(M, threads, t, block_rows);
       for (int64_t b : {int64_t{0}, rb.n - 1}) {
         int64_t rows = rb.last(b) - rb.first(b);
-        Primitive(Key{1, rows, N, K, false, true, false, bf16, bf16});
+        Primitive(dx_key(rows));
         for (bool accumulate : {false, true}) WeightGradPrimitive({rows, K, N, bf16, accumulate});
       }
     }
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("dense_bwd: ") + e.what());
   }
   std::string error;
@@ -301,7 +303,7 @@ ffi::Error BlockedDenseBackward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuff
         for (int64_t b = 0; b < rb.n; ++b) {
           int64_t r0 = rb.first(b), rows = rb.last(b) - r0;
           void* zb = const_cast<char*>(zp + r0 * N * elem);
-          const Entry& dxe = Primitive(Key{1, rows, N, K, false, true, false, bf16, bf16});
+          const Entry& dxe = Primitive(dx_key(rows));
           dxe.prim.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(dxe.pd.src_desc(), eng, zb)},
                                     {DNNL_ARG_WEIGHTS, dnnl::memory(dxe.pd.weights_desc(), eng, w.untyped_data())},
                                     {DNNL_ARG_DST, dnnl::memory(dxe.pd.dst_desc(), eng, dxp + r0 * K * elem)},
