@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: setup packages train test bench clean
+.PHONY: setup packages train test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,13 @@ packages:
 train: setup
 	$(VENV)/bin/mmdit train --config fashion_mnist $(ARGS)
 
-test: setup
+test: lint
 	$(PY) -m pytest -q $(ARGS)
+
+# ruff: the linter and the formatter's check (`.venv/bin/ruff format .` applies it).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PY) -m benchmarks.bench_train $(ARGS)

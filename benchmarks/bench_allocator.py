@@ -24,13 +24,15 @@ import sys
 import time
 
 from benchmarks.bench_train import CPU_CASES, REPO
-from benchmarks.workers import _synthetic_batch, peak_rss_bytes, reset_peak_rss, train_config
+from benchmarks.workers import peak_rss_bytes, reset_peak_rss, synthetic_batch, train_config
 
 # Variant name -> environment of its processes.
 COMPARISONS = {
     "allocator": {"system": {"MMDIT_ALLOCATOR": "system"}, "jemalloc": {"MMDIT_ALLOCATOR": "jemalloc"}},
-    "dispatch": {"async dispatch": {"MMDIT_ALLOCATOR": "jemalloc", "MMDIT_CPU_ASYNC_DISPATCH": "1"},
-                 "inline dispatch": {"MMDIT_ALLOCATOR": "jemalloc", "MMDIT_CPU_ASYNC_DISPATCH": "0"}},
+    "dispatch": {
+        "async dispatch": {"MMDIT_ALLOCATOR": "jemalloc", "MMDIT_CPU_ASYNC_DISPATCH": "1"},
+        "inline dispatch": {"MMDIT_ALLOCATOR": "jemalloc", "MMDIT_CPU_ASYNC_DISPATCH": "0"},
+    },
 }
 
 
@@ -45,7 +47,7 @@ def worker(spec: dict) -> None:
 
     cfg = train_config(spec)
     tr = Trainer(cfg, devices=jax.devices()[:1], with_data=False)
-    x, y = _synthetic_batch(tr.model_cfg, cfg.batch_size)
+    x, y = synthetic_batch(tr.model_cfg, cfg.batch_size)
     batch = {"image": x, "label": y}
     jax.block_until_ready(tr.train_step(batch)["loss"])  # compile + first touch of the heap
     reset_peak_rss()  # the peak of the timed steps, not of compilation
@@ -58,16 +60,31 @@ def worker(spec: dict) -> None:
         faults.append(r1.ru_minflt - r0.ru_minflt)
         sys_s.append(r1.ru_stime - r0.ru_stime)
     jemalloc = any("jemalloc" in line for line in open("/proc/self/maps"))
-    print(json.dumps({"s": statistics.median(secs), "faults": statistics.median(faults), "max_faults": max(faults),
-                      "sys_s": statistics.median(sys_s),
-                      "peak_gib": (peak_rss_bytes() or 0) / 2**30, "jemalloc": jemalloc, "batch": cfg.batch_size}))
+    print(
+        json.dumps(
+            {
+                "s": statistics.median(secs),
+                "faults": statistics.median(faults),
+                "max_faults": max(faults),
+                "sys_s": statistics.median(sys_s),
+                "peak_gib": (peak_rss_bytes() or 0) / 2**30,
+                "jemalloc": jemalloc,
+                "batch": cfg.batch_size,
+            }
+        )
+    )
 
 
 def run(spec: dict, variant_env: dict) -> dict:
     env = {**os.environ, **variant_env, "PYTHONPATH": str(REPO)}
     env.pop("LD_PRELOAD", None)
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_allocator", "--worker", json.dumps(spec)],
-                         env=env, cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_allocator", "--worker", json.dumps(spec)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1]) if lines else {"error": f"exit {out.returncode}: {out.stderr[-300:]}"}
 
@@ -86,8 +103,10 @@ def main(argv=None) -> int:
         return 0
     variants = COMPARISONS[args.compare]
     names = list(variants)
-    print(f"| config | {args.compare} | s/step | img/s | vs {names[0]} | faults/step | kernel s/step | "
-          "most faults in a step, per process | peak RSS GiB, per process |")
+    print(
+        f"| config | {args.compare} | s/step | img/s | vs {names[0]} | faults/step | kernel s/step | "
+        "most faults in a step, per process | peak RSS GiB, per process |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for key in args.only:
         name, spec = CPU_CASES[key]
@@ -108,9 +127,12 @@ def main(argv=None) -> int:
             label = v if not wants_jemalloc or all(x["jemalloc"] for x in ok) else f"{v} (jemalloc not loaded)"
             spikes = ", ".join(str(x["max_faults"]) for x in ok)
             peaks = ", ".join(f"{x['peak_gib']:.2f}" for x in ok)
-            print(f"| {name} {args.precision} | {label} | {s:.3f} | {ok[0]['batch'] / s:.1f} | {base / s:.2f}x | "
-                  f"{statistics.median(x['faults'] for x in ok):.0f} | {statistics.median(x['sys_s'] for x in ok):.2f} | "
-                  f"{spikes} | {peaks} |", flush=True)
+            print(
+                f"| {name} {args.precision} | {label} | {s:.3f} | {ok[0]['batch'] / s:.1f} | {base / s:.2f}x | "
+                f"{statistics.median(x['faults'] for x in ok):.0f} | {statistics.median(x['sys_s'] for x in ok):.2f} | "
+                f"{spikes} | {peaks} |",
+                flush=True,
+            )
     return 0
 
 

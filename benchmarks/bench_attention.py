@@ -1,5 +1,5 @@
-"""Attention alone on CPU: the fused oneDNN kernel against the same attention as separate matmuls
-with XLA's softmax (`attention="xla"`), and PyTorch's CPU flash attention, in one process.
+"""Attention alone on CPU: the fused oneDNN kernel against the same attention as separate (oneDNN)
+matmuls with XLA's softmax (`attention="xla"`), and PyTorch's CPU flash attention, in one process.
 
     python -m benchmarks.bench_attention            # DiT-S/2 b32 and default-config shapes
     python -m benchmarks.bench_attention --rounds 30
@@ -22,7 +22,7 @@ from benchmarks.workers import cpu_name
 SHAPES = [("DiT-S/2 b32", 32, 256, 6, 64), ("default b128", 128, 49, 3, 64)]
 
 
-def _median_ms(times: list[float]) -> float:
+def median_ms(times: list[float]) -> float:
     times = sorted(times)
     return 1e3 * times[len(times) // 2]
 
@@ -32,7 +32,7 @@ def jax_rows(B: int, L: int, H: int, D: int, dtype_name: str, rounds: int) -> di
     import jax.numpy as jnp
     import numpy as np
 
-    from jax_mmdit.models import attention
+    from jax_mmdit.ops.onednn import OnednnOps
 
     dtype = jnp.dtype(dtype_name)
     rng = np.random.default_rng(0)
@@ -40,7 +40,7 @@ def jax_rows(B: int, L: int, H: int, D: int, dtype_name: str, rounds: int) -> di
     do = jnp.asarray(rng.standard_normal((B, L, H * D)), dtype)
     fns = {}
     for impl, label in (("auto", "fused"), ("xla", "xla softmax")):
-        f = lambda q, k, v, impl=impl: attention.attention(q, k, v, impl)  # noqa: E731
+        f = OnednnOps(attention_impl=impl).attention
         fns[f"{label} fwd"] = jax.jit(f)
         # The output is returned too: the fused backward recomputes the probabilities and does not
         # read the forward's output, so XLA would drop the forward from a gradient-only function.
@@ -53,7 +53,7 @@ def jax_rows(B: int, L: int, H: int, D: int, dtype_name: str, rounds: int) -> di
             t0 = time.perf_counter()
             jax.block_until_ready(fn(q, k, v))
             times[name].append(time.perf_counter() - t0)
-    return {n: _median_ms(t) for n, t in times.items()}
+    return {n: median_ms(t) for n, t in times.items()}
 
 
 def torch_rows(B: int, L: int, H: int, D: int, dtype_name: str, rounds: int) -> dict[str, float]:
@@ -76,7 +76,7 @@ def torch_rows(B: int, L: int, H: int, D: int, dtype_name: str, rounds: int) -> 
             else:
                 sdpa(q, k, v).backward(do)
             times.append(time.perf_counter() - t0)
-        out[f"torch flash {name}"] = _median_ms(times[2:])
+        out[f"torch flash {name}"] = median_ms(times[2:])
     return out
 
 
@@ -90,26 +90,43 @@ def main(argv=None) -> int:
 
     runtime.use_jemalloc()  # re-executes with jemalloc where installed, as `mmdit` runs
     runtime.configure()
-    from jax_mmdit.kernels import onednn
+    from jax_mmdit.ops import onednn
 
-    if not onednn.enabled():
-        print("the oneDNN kernels are not enabled here (MMDIT_ONEDNN, or they did not build)", file=sys.stderr)
+    reason = onednn.load()
+    if reason is not None:
+        print(f"the oneDNN kernels are unavailable here: {reason}", file=sys.stderr)
         return 1
-    print(f"# bench_attention on {cpu_name()}: median ms per call over {args.rounds} alternated rounds; "
-          f"malloc: {'jemalloc' if 'jemalloc' in os.environ.get('LD_PRELOAD', '') else 'system'}")
-    print("| shape (B, L, H, D) | dtype | fused fwd | xla softmax fwd | torch flash fwd | fused fwd+bwd | "
-          "xla softmax fwd+bwd | torch flash fwd+bwd | fused speed-up fwd+bwd |")
+    print(
+        f"# bench_attention on {cpu_name()}: median ms per call over {args.rounds} alternated rounds; "
+        f"malloc: {'jemalloc' if 'jemalloc' in os.environ.get('LD_PRELOAD', '') else 'system'}"
+    )
+    print(
+        "| shape (B, L, H, D) | dtype | fused fwd | xla softmax fwd | torch flash fwd | fused fwd+bwd | "
+        "xla softmax fwd+bwd | torch flash fwd+bwd | fused speed-up fwd+bwd |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, B, L, H, D in SHAPES:
         for dtype in ("bfloat16", "float32"):
             r = jax_rows(B, L, H, D, dtype, args.rounds)
             if not args.no_torch:
                 r.update(torch_rows(B, L, H, D, dtype, args.rounds))
-            cells = [r.get(k) for k in ("fused fwd", "xla softmax fwd", "torch flash fwd", "fused fwd+bwd",
-                                        "xla softmax fwd+bwd", "torch flash fwd+bwd")]
+            cells = [
+                r.get(k)
+                for k in (
+                    "fused fwd",
+                    "xla softmax fwd",
+                    "torch flash fwd",
+                    "fused fwd+bwd",
+                    "xla softmax fwd+bwd",
+                    "torch flash fwd+bwd",
+                )
+            ]
             speedup = r["xla softmax fwd+bwd"] / r["fused fwd+bwd"]
-            print(f"| {name} ({B}, {L}, {H}, {D}) | {dtype} | "
-                  + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + f" | {speedup:.2f}x |")
+            print(
+                f"| {name} ({B}, {L}, {H}, {D}) | {dtype} | "
+                + " | ".join("-" if c is None else f"{c:.1f}" for c in cells)
+                + f" | {speedup:.2f}x |"
+            )
     return 0
 
 

@@ -56,7 +56,7 @@ class Group:
 # ---- workers -------------------------------------------------------------------------------------
 def worker_env(spec: dict, args, cache_dir: Path) -> dict:
     """The worker's environment: the same malloc for every row (--allocator), the row's own
-    variables (e.g. MMDIT_ONEDNN=off for the --xla-dots rows), and a compilation cache of its own,
+    variables (`env` in its spec), and a compilation cache of its own,
     so a restarted worker loads its program instead of compiling it again."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(cache_dir), **spec.get("env", {})}
     if args.allocator == "jemalloc":
@@ -92,7 +92,11 @@ class Worker:
         # reach its steady state, and every row should be timed in the same state.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.workers", json.dumps(self.spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=REPO,
             env=worker_env(self.spec, self.args, self.cache_dir),
         )
         ready = self.read()
@@ -107,7 +111,7 @@ class Worker:
     def read(self) -> dict:
         for line in self.proc.stdout:
             if line.startswith(PREFIX):
-                return json.loads(line[len(PREFIX):])
+                return json.loads(line[len(PREFIX) :])
         rc = self.proc.wait()
         tail = self.log.read_text()[-1500:] if self.log.exists() else ""
         return {"error": f"worker exited with code {rc}", "log_tail": tail}
@@ -250,15 +254,21 @@ def train_impls(args) -> list[Impl]:
         label, flags = variant.split(":", 1)
         for prec in args.precisions:
             impls.append(Impl(f"jax {prec} {label}", {"kind": "jax_train", "precision": prec, "xla_flags": flags}))
-    if args.xla_dots:  # the same step without the oneDNN kernel (jax_mmdit.kernels.onednn)
+    if args.xla_dots:  # the same step on XLA's own ops (kernels="xla"), not the package's kernels
         for prec in args.precisions:
-            impls.append(Impl(f"jax {prec} xla-dots", {"kind": "jax_train", "precision": prec, "env": {"MMDIT_ONEDNN": "off"}}))
+            impls.append(Impl(f"jax {prec} xla-dots", {"kind": "jax_train", "precision": prec, "kernels": "xla"}))
     if args.attention_xla:  # attention as separate matmuls + XLA softmax, not the fused kernel
         for prec in args.precisions:
-            impls.append(Impl(f"jax {prec} attention=xla", {"kind": "jax_train", "precision": prec, "model": {"attention": "xla"}}))
+            impls.append(
+                Impl(
+                    f"jax {prec} attention=xla", {"kind": "jax_train", "precision": prec, "model": {"attention": "xla"}}
+                )
+            )
     if args.accum > 1:  # same maths, activations of batch/accum at a time
         for prec in args.precisions:
-            impls.append(Impl(f"jax {prec} accum{args.accum}", {"kind": "jax_train", "precision": prec, "accum": args.accum}))
+            impls.append(
+                Impl(f"jax {prec} accum{args.accum}", {"kind": "jax_train", "precision": prec, "accum": args.accum})
+            )
     if args.ref_src:
         for prec in args.precisions:
             impls.append(Impl(f"jax {prec} @ref", {"kind": "jax_train", "precision": prec, "src": str(args.ref_src)}))
@@ -282,7 +292,7 @@ CPU_CASES = {
     "s2-b128": ("DiT-S/2 32x32x3 b128", {"preset": "DiT-S/2", "model": _S2, "batch": 128}),
     "default": ("fashion_mnist (default) b128", {"base": "fashion_mnist", "batch": 128}),
     # 256 image tokens + 4 learned class tokens per image (our MMDiT's class conditioning; the
-    # torch rows feed the same tokens to SD3Transformer2DModel, workers._torch_mmdit).
+    # torch rows feed the same tokens to SD3Transformer2DModel, workers.torch_mmdit).
     "mmdit-s2-b32": ("MMDiT-S/2 32x32x3 b32", {"preset": "MMDiT-S/2", "model": _S2, "batch": 32}),
 }
 
@@ -332,18 +342,26 @@ def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -
     lines = []
     host = f"{cpu_name()}, {os.cpu_count()} cores"
     devices = sorted({w.info["device"] for _, ws in results for w in ws if w.info.get("device")})
-    lines.append(f"# bench_train {datetime.date.today()} on {host} ({'quick' if args.quick else 'gpu' if args.gpu else 'full'}); "
-                 f"devices: {', '.join(devices) or '-'}; malloc: {args.allocator}")
+    lines.append(
+        f"# bench_train {datetime.date.today()} on {host} "
+        f"({'quick' if args.quick else 'gpu' if args.gpu else 'full'}); "
+        f"devices: {', '.join(devices) or '-'}; malloc: {args.allocator}"
+    )
     kernel_rows = sorted({w.label for _, ws in results for w in ws if w.info.get("kernels")})
     jax_rows = {w.label for _, ws in results for w in ws if w.spec.get("kind") == "jax_train"}
-    line = "jax rows on the package's C++/oneDNN kernels (jax_mmdit.kernels): " + (", ".join(kernel_rows) or "none")
+    line = "jax rows on the package's C++/oneDNN kernels (jax_mmdit.ops.onednn): " + (", ".join(kernel_rows) or "none")
     if jax_rows - set(kernel_rows):
         line += "; on XLA's own ops: " + ", ".join(sorted(jax_rows - set(kernel_rows)))
     lines.append(line)
     if peaks:
-        lines.append("matmul GFLOP/s (best size, median): " + "; ".join(
-            f"run {i + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) for i, p in enumerate(peaks)))
-    head = "| config | impl | img/s | vs torch fp32 | GFLOP/s | % sgemm peak | MFU | XLA plan GiB | peak RSS GiB | compile s |"
+        lines.append(
+            "matmul GFLOP/s (best size, median): "
+            + "; ".join(f"run {i + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) for i, p in enumerate(peaks))
+        )
+    head = (
+        "| config | impl | img/s | vs torch fp32 | GFLOP/s | % sgemm peak | MFU | XLA plan GiB | peak RSS GiB "
+        "| compile s |"
+    )
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for g, workers in results:
         train = [w for w in workers if w.impl in g.impls]
@@ -361,7 +379,8 @@ def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -
             gfs = f / s / 1e9 if f and s else None
             mfu = f / s / w.info["peak_flops"] * 100 if f and s and w.info.get("peak_flops") else None
             lines.append(
-                f"| {g.name}{'' if b == g.spec['batch'] else f' (b{b})'} | {w.label} | {_fmt(b / s if s else None, '.2f')} | "
+                f"| {g.name}{'' if b == g.spec['batch'] else f' (b{b})'} | {w.label} | "
+                f"{_fmt(b / s if s else None, '.2f')} | "
                 f"{_fmt(ref.median_s / s if ref and s else None, '.2f')} | {_fmt(gfs, '.0f')} | "
                 f"{_fmt(gfs * 1e9 / peak * 100 if gfs and peak else None, '.0f')} | {_fmt(mfu, '.1f')} | "
                 f"{_fmt(w.info['xla_plan'] / GIB if w.info.get('xla_plan') else None, '.2f')} | "
@@ -369,7 +388,14 @@ def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -
                 f"{_fmt(w.info.get('compile_s') if w.spec['kind'] == 'jax_train' else None, '.0f')} |"
             )
         extras = [w for w in workers if w.impl in g.extras]
-        best_train = max((w.info.get("batch", 0) / w.median_s for w in train if w.median_s and w.impl.spec.get("kind") == "jax_train"), default=None)
+        best_train = max(
+            (
+                w.info.get("batch", 0) / w.median_s
+                for w in train
+                if w.median_s and w.impl.spec.get("kind") == "jax_train"
+            ),
+            default=None,
+        )
         for w in extras:
             if "error" in w.info or not w.median_s:
                 lines.append(f"\n{g.name} {w.label}: error: {w.info.get('error', 'no timing')[:200]}")
@@ -381,7 +407,11 @@ def report(results: list[tuple[Group, list[Worker]]], peaks: list[dict], args) -
                     f"= {2 * w.info['steps']} model evals/img; batch {w.info['batch']}, {w.median_s:.2f} s/batch)"
                 )
             else:
-                ratio = f", {rate / best_train:.0f}x the fastest JAX train step ({best_train:.1f} img/s)" if best_train else ""
+                ratio = (
+                    f", {rate / best_train:.0f}x the fastest JAX train step ({best_train:.1f} img/s)"
+                    if best_train
+                    else ""
+                )
                 lines.append(f"{g.name} data loader: {rate:.0f} img/s (batch {w.info['batch']}){ratio}")
     restarted = [f"{w.label} ({g.name}) x{w.restarts}" for g, ws in results for w in ws if w.restarts]
     if restarted:
@@ -405,27 +435,56 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="*", choices=list(CPU_CASES), help="CPU config subset")
     p.add_argument("--rounds", type=int, default=None, help="alternating timing rounds (default 3, quick 2)")
     p.add_argument("--segment-s", type=float, default=None, help="target seconds per timed segment")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
-                   help="CPU: precisions of the jax rows")
-    p.add_argument("--accum", type=int, default=1, help="also time jax rows with this many gradient-"
-                   "accumulation micro-batches per step (grad_accum_steps)")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16", "fp16"],
+        help="CPU: precisions of the jax rows",
+    )
+    p.add_argument(
+        "--accum",
+        type=int,
+        default=1,
+        help="also time jax rows with this many gradient-accumulation micro-batches per step (grad_accum_steps)",
+    )
     p.add_argument("--torch-threads", type=int, default=TORCH_THREADS)
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile rows")
-    p.add_argument("--torch-denormals", action="store_true",
-                   help="leave PyTorch's denormals on (its default; XLA flushes them): much slower fp32")
+    p.add_argument(
+        "--torch-denormals",
+        action="store_true",
+        help="leave PyTorch's denormals on (its default; XLA flushes them): much slower fp32",
+    )
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--jax-variant", action="append", default=[], metavar="LABEL:XLA_FLAGS",
-                   help="extra jax rows (one per precision) with these XLA_FLAGS added (for experiments)")
-    p.add_argument("--ref-src", type=Path, help="a directory holding another jax_mmdit package (e.g. "
-                   "`git archive HEAD jax_mmdit | tar -x -C DIR`): adds its jax rows, timed alongside")
+    p.add_argument(
+        "--jax-variant",
+        action="append",
+        default=[],
+        metavar="LABEL:XLA_FLAGS",
+        help="extra jax rows (one per precision) with these XLA_FLAGS added (for experiments)",
+    )
+    p.add_argument(
+        "--ref-src",
+        type=Path,
+        help="a directory holding another jax_mmdit package (e.g. "
+        "`git archive HEAD jax_mmdit | tar -x -C DIR`): adds its jax rows, timed alongside",
+    )
     p.add_argument("--json", type=Path, help="also write raw results here")
-    p.add_argument("--xla-dots", action="store_true",
-                   help="also time jax rows with MMDIT_ONEDNN=off (XLA's own dots), alongside")
-    p.add_argument("--attention-xla", action="store_true",
-                   help="also time jax rows with attention='xla' (no fused attention kernel), alongside")
-    p.add_argument("--allocator", choices=["jemalloc", "system"], default=None,
-                   help="malloc of every worker, jax and torch alike (default: jemalloc where installed, "
-                        "as `mmdit` runs on CPU; bench_allocator compares the two)")
+    p.add_argument(
+        "--xla-dots", action="store_true", help="also time jax rows with --kernels xla (XLA's own ops), alongside"
+    )
+    p.add_argument(
+        "--attention-xla",
+        action="store_true",
+        help="also time jax rows with attention='xla' (no fused attention kernel), alongside",
+    )
+    p.add_argument(
+        "--allocator",
+        choices=["jemalloc", "system"],
+        default=None,
+        help="malloc of every worker, jax and torch alike (default: jemalloc where installed, "
+        "as `mmdit` runs on CPU; bench_allocator compares the two)",
+    )
     p.add_argument("--verbose", action="store_true", help="show workers' stderr")
     args = p.parse_args(argv)
     if args.allocator is None:
@@ -450,9 +509,16 @@ def main(argv=None) -> int:
     if args.json:
         raw = {
             "peaks": peaks,
-            "groups": [{"name": g.name, "spec": g.spec, "rows": [
-                {"label": w.label, "spec": w.spec, "info": w.info, "step_seconds": w.step_seconds} for w in ws
-            ]} for g, ws in results],
+            "groups": [
+                {
+                    "name": g.name,
+                    "spec": g.spec,
+                    "rows": [
+                        {"label": w.label, "spec": w.spec, "info": w.info, "step_seconds": w.step_seconds} for w in ws
+                    ],
+                }
+                for g, ws in results
+            ],
         }
         args.json.write_text(json.dumps(raw, indent=1))
     errors = [w.label for _, ws in results for w in ws if "error" in w.info]

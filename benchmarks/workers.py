@@ -34,8 +34,11 @@ def cpu_name() -> str:
     name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
     flags_line = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
     flags = set(flags_line.group(1).split()) if flags_line else set()
-    isa = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
-           if flag in flags]
+    isa = [
+        label
+        for flag, label in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+        if flag in flags
+    ]
     return f"{name.group(1).strip() if name else platform.machine()} ({', '.join(isa) or 'no AVX-512'})"
 
 
@@ -133,12 +136,17 @@ def train_config(spec: dict):
     elif spec.get("model"):
         model = dataclasses.replace(model, **spec["model"])
     return dataclasses.replace(
-        cfg, model=model, batch_size=spec["batch"], precision=spec.get("precision", "fp32"),
-        grad_accum_steps=spec.get("accum", 1), run_dir="/tmp/mmdit-bench-unused",
+        cfg,
+        model=model,
+        batch_size=spec["batch"],
+        precision=spec.get("precision", "fp32"),
+        grad_accum_steps=spec.get("accum", 1),
+        kernels=spec.get("kernels", "auto"),
+        run_dir="/tmp/mmdit-bench-unused",
     )
 
 
-def _synthetic_batch(mcfg, batch: int, seed: int = 0):
+def synthetic_batch(mcfg, batch: int, seed: int = 0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -158,14 +166,13 @@ def jax_train(spec: dict) -> None:
 
     import jax
 
-    from jax_mmdit.kernels import onednn
     from jax_mmdit.train import profiler
     from jax_mmdit.train.trainer import Trainer
 
     cfg = train_config(spec)
     try:
         tr = Trainer(cfg, devices=jax.devices()[:1], with_data=False)
-        x, y = _synthetic_batch(tr.model_cfg, cfg.batch_size)
+        x, y = synthetic_batch(tr.model_cfg, cfg.batch_size)
         batch = {"image": x, "label": y}
         step = lambda: tr.train_step(batch)  # noqa: E731
         sync = lambda m: jax.block_until_ready(m["loss"])  # noqa: E731
@@ -174,22 +181,30 @@ def jax_train(spec: dict) -> None:
         emit({"error": f"{type(e).__name__}: {str(e)[:300]}", "oom": "RESOURCE_EXHAUSTED" in str(e)})
         return
     dev = jax.devices()[0]
-    mem = profiler.compiled_memory(tr._compiled_step)
+    mem = profiler.compiled_memory(tr.compiled_step)
     plan = sum(mem.get(k, 0.0) for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"))
     plan -= mem.get("alias_size_in_bytes", 0.0)
-    serve(step, sync, {
-        "compile_s": first - warm, "warm_step_s": warm, "flops": tr.flops_per_step,
-        "xla_temp": mem.get("temp_size_in_bytes"), "xla_plan": plan,
-        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-        "peak_flops": profiler.device_peak_flops(dev, tr.model_cfg.dtype),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": cfg.batch_size,
-        "kernels": sorted(onednn.kernel_calls(tr._compiled_step.as_text())),
-    })
+    serve(
+        step,
+        sync,
+        {
+            "compile_s": first - warm,
+            "warm_step_s": warm,
+            "flops": tr.flops_per_step,
+            "xla_temp": mem.get("temp_size_in_bytes"),
+            "xla_plan": plan,
+            "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+            "peak_flops": profiler.device_peak_flops(dev, tr.model_cfg.dtype),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "batch": cfg.batch_size,
+            "kernels": sorted(tr.ops.kernel_calls(tr.compiled_step)),
+        },
+    )
 
 
 # ---- PyTorch: diffusers DiTTransformer2DModel / SD3Transformer2DModel, same config, same loss,
 # AdamW + clip + EMA ----------------------------------------------------------------------------------
-def _torch_mmdit(m, label_dropout: float):
+def torch_mmdit(m, label_dropout: float):
     """diffusers' SD3Transformer2DModel (the MMDiT our convert.py maps) with our MMDiT's class
     conditioning around it: `num_context_tokens` learned tokens and a pooled embedding per class
     (null row for CFG, labels dropped as in training). SD3 then runs its own context projection
@@ -238,7 +253,7 @@ def torch_train(spec: dict) -> None:
     m = cfg.model
     dev = torch.device("cuda" if spec.get("cuda") else "cpu")
     if m.arch == "mmdit":
-        model = _torch_mmdit(m, cfg.flow.label_dropout)
+        model = torch_mmdit(m, cfg.flow.label_dropout)
     else:
         model = diffusers.DiTTransformer2DModel(
             num_attention_heads=m.num_heads, attention_head_dim=m.head_dim, in_channels=m.in_channels,
@@ -252,7 +267,7 @@ def torch_train(spec: dict) -> None:
     ema = [p.detach().clone() for p in params]
     fwd = torch.compile(model) if spec.get("compile") else model
     autocast = spec.get("precision") == "bf16"
-    x_np, y_np = _synthetic_batch(m, cfg.batch_size)
+    x_np, y_np = synthetic_batch(m, cfg.batch_size)
     x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(dev)  # NCHW
     y = torch.from_numpy(y_np).long().to(dev)
 
@@ -282,10 +297,17 @@ def torch_train(spec: dict) -> None:
         return loss
 
     first, warm = _timed_warmup(step, sync, spec.get("warmup", 2))
-    serve(step, sync, {
-        "compile_s": first - warm, "warm_step_s": warm, "threads": torch.get_num_threads(),
-        "device": str(dev), "batch": cfg.batch_size,
-    })
+    serve(
+        step,
+        sync,
+        {
+            "compile_s": first - warm,
+            "warm_step_s": warm,
+            "threads": torch.get_num_threads(),
+            "device": str(dev),
+            "batch": cfg.batch_size,
+        },
+    )
 
 
 # ---- sampling and data loading of the default config -----------------------------------------------
@@ -309,8 +331,17 @@ def jax_sample(spec: dict) -> None:
     y = jnp.arange(n, dtype=jnp.int32) % max(m.num_classes, 1)
     step = lambda: sample(model, noise, y, scfg)  # noqa: E731
     first, warm = _timed_warmup(step, jax.block_until_ready, 1)
-    serve(step, jax.block_until_ready, {"compile_s": first - warm, "warm_step_s": warm, "batch": n,
-                                        "steps": scfg.num_steps, "cfg_scale": scfg.cfg_scale})
+    serve(
+        step,
+        jax.block_until_ready,
+        {
+            "compile_s": first - warm,
+            "warm_step_s": warm,
+            "batch": n,
+            "steps": scfg.num_steps,
+            "cfg_scale": scfg.cfg_scale,
+        },
+    )
 
 
 def data_loader(spec: dict) -> None:
@@ -324,8 +355,11 @@ def data_loader(spec: dict) -> None:
     it = ds.iterator(cfg.batch_size, seed=0)
     step = lambda: next(it)  # noqa: E731
     first, warm = _timed_warmup(step, lambda b: b, 5)
-    serve(step, lambda b: b, {"compile_s": first - warm, "warm_step_s": warm, "batch": cfg.batch_size,
-                              "num_workers": cfg.data.num_workers})
+    serve(
+        step,
+        lambda b: b,
+        {"compile_s": first - warm, "warm_step_s": warm, "batch": cfg.batch_size, "num_workers": cfg.data.num_workers},
+    )
     it.close()
 
 
@@ -365,9 +399,11 @@ def matmul_peak(spec: dict) -> None:
 
             torch.set_num_threads(spec.get("threads", 2))
             for name, dt in (("torch_fp32", torch.float32), ("torch_bf16", torch.bfloat16)):
+
                 def tc(n, dt=dt):
                     a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
                     return lambda: a @ b
+
                 res[name] = best(tc)
         except ImportError:
             pass
@@ -378,18 +414,24 @@ def matmul_peak(spec: dict) -> None:
         import jax.numpy as jnp
 
         for name, dt in (("jax_fp32", jnp.float32), ("jax_bf16", jnp.bfloat16)):
+
             def jc(n, dt=dt):
                 a = jax.random.normal(jax.random.key(0), (n, n), dt)
                 f = jax.jit(lambda a: a @ a)
                 return lambda: f(a).block_until_ready()
+
             res[name] = best(jc)
     emit({"ready": True, "result": res})
 
 
 KINDS = {
-    "jax_train": jax_train, "torch_train": torch_train, "jax_sample": jax_sample,
-    "data_loader": data_loader, "matmul_peak": matmul_peak,
+    "jax_train": jax_train,
+    "torch_train": torch_train,
+    "jax_sample": jax_sample,
+    "data_loader": data_loader,
+    "matmul_peak": matmul_peak,
 }
+
 
 def use_source(src: str) -> None:
     """Import jax_mmdit from `src` instead of the installed package. An editable install maps the

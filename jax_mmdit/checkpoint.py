@@ -16,8 +16,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jax_mmdit.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError):
     """A checkpoint is missing or unreadable (the message says which and where)."""
 
 
@@ -33,7 +35,9 @@ class Checkpointer:
     def __init__(self, run_dir: str | os.PathLike, keep: int = 3, async_save: bool = True):
         self.directory = _checkpoint_dir(run_dir)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -114,6 +118,4 @@ def load_config_dict(run_dir: str | os.PathLike, step: int | None = None) -> tup
 
 def abstract_with_shardings(state, shardings):
     """ShapeDtypeStructs of `state` carrying the target `shardings` (for restore)."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-    )
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

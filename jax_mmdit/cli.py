@@ -1,9 +1,9 @@
 """The `mmdit` command: train, sample, profile, info, datasets.
 
-    mmdit train --config fashion_mnist --optim.learning_rate 1e-3 --mesh.fsdp 2
-    mmdit sample --run runs/fashion_mnist --class 3 --cfg 4 --steps 50 --out x.png
-    mmdit sample --run runs/fashion_mnist --num 1000 --out samples.npz
-    mmdit info --model DiT-XL/2 --image_size 32 --in_channels 4 --num_classes 1000
+mmdit train --config fashion_mnist --optim.learning_rate 1e-3 --mesh.fsdp 2
+mmdit sample --run runs/fashion_mnist --class 3 --cfg 4 --steps 50 --out x.png
+mmdit sample --run runs/fashion_mnist --num 1000 --out samples.npz
+mmdit info --model DiT-XL/2 --image_size 32 --in_channels 4 --num_classes 1000
 """
 
 from __future__ import annotations
@@ -37,8 +37,12 @@ def _parse_train_config(argv: list[str], prog: str):
     known, rest = pre.parse_known_args(argv)
     base = get_config(known.config)
     return tyro.cli(
-        type(base), default=base, args=rest, prog=f"{prog} --config {known.config}",
-        use_underscores=True, description=f"Train (preset {known.config!r}; every field overridable).",
+        type(base),
+        default=base,
+        args=rest,
+        prog=f"{prog} --config {known.config}",
+        use_underscores=True,
+        description=f"Train (preset {known.config!r}; every field overridable).",
     )
 
 
@@ -52,8 +56,10 @@ def cmd_train(argv: list[str], prog="mmdit train") -> int:
     last = trainer.train()
     if last:
         shown = {k: round(v, 5) for k, v in last.items() if k in ("train/loss", "eval/loss", "perf/img_per_s")}
-        print(f"[mmdit] done at step {trainer.step}: {shown}; samples in {Path(cfg.run_dir) / 'samples'}, "
-              f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / 'tb'}")
+        print(
+            f"[mmdit] done at step {trainer.step}: {shown}; samples in {Path(cfg.run_dir) / 'samples'}, "
+            f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / 'tb'}"
+        )
     return 0
 
 
@@ -88,6 +94,7 @@ def cmd_sample(argv: list[str]) -> int:
 
     import numpy as np
 
+    from jax_mmdit.errors import UserError
     from jax_mmdit.eval import images as imgs
     from jax_mmdit.train.trainer import Trainer
 
@@ -96,16 +103,12 @@ def cmd_sample(argv: list[str]) -> int:
         ck = Path(a.checkpoint)
         run, step = str(ck.parent.parent), int(ck.name) if ck.name.isdigit() else None
         if step is None:
-            raise ValueError(f"--checkpoint must be RUN/checkpoints/STEP, got {a.checkpoint}.")
+            raise UserError(f"--checkpoint must be RUN/checkpoints/STEP, got {a.checkpoint}.")
     trainer = Trainer.load(run, step)
     overrides = {k: v for k, v in (("cfg_scale", a.cfg), ("num_steps", a.steps), ("method", a.method)) if v is not None}
     scfg = dataclasses.replace(trainer.cfg.sampler, **overrides)
     n_cls = trainer.model_cfg.num_classes
-    if a.labels:
-        labels = np.asarray(a.labels * (-(-(a.num or len(a.labels)) // len(a.labels))))[: a.num or len(a.labels)]
-    else:
-        n = a.num or (n_cls if n_cls else 16)
-        labels = np.arange(n) % n_cls if n_cls else np.zeros(n, np.int32)
+    labels = trainer.sample_labels(a.num or len(a.labels or ()) or n_cls or 16, a.labels)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".gif":
@@ -120,9 +123,11 @@ def cmd_sample(argv: list[str]) -> int:
         if out.suffix == ".npz":
             np.savez_compressed(out, images=x_u8, labels=labels.astype(np.int32))
         else:
-            imgs.save_grid_png(out, x_u8, ncols=min(len(labels), 10), scale=2)
-    print(f"[mmdit] wrote {len(labels)} samples (step {trainer.step}, cfg {scfg.cfg_scale}, "
-          f"{scfg.num_steps} {scfg.method} steps) to {out}")
+            imgs.save_grid_png(out, x_u8, ncols=min(len(labels), 10), scale=2, captions=trainer.captions(labels))
+    print(
+        f"[mmdit] wrote {len(labels)} samples (step {trainer.step}, cfg {scfg.cfg_scale}, "
+        f"{scfg.num_steps} {scfg.method} steps) to {out}"
+    )
     return 0
 
 
@@ -133,8 +138,15 @@ def cmd_info(argv: list[str]) -> int:
     p.add_argument("--in_channels", type=int, default=4)
     p.add_argument("--num_classes", type=int, default=1000)
     p.add_argument("--learn_sigma", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--kernels",
+        choices=["auto", "xla", "onednn"],
+        default="auto",
+        help="backend whose compiled forward is counted (the count is the same maths on each)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     a = p.parse_args(argv)
+    from jax_mmdit import ops
     from jax_mmdit.models import ModelConfig
     from jax_mmdit.models.summary import model_summary
 
@@ -142,7 +154,7 @@ def cmd_info(argv: list[str]) -> int:
     if a.learn_sigma is not None:
         kw["learn_sigma"] = a.learn_sigma
     cfg = ModelConfig.from_preset(a.model, **kw)
-    s = model_summary(cfg)
+    s = model_summary(cfg, ops.resolve(a.kernels, cfg.attention))
     if a.json:
         print(json.dumps(s, indent=2, default=str))
     else:
@@ -162,7 +174,10 @@ def cmd_datasets(argv: list[str]) -> int:
 
 
 COMMANDS = {
-    "train": cmd_train, "sample": cmd_sample, "profile": cmd_profile, "info": cmd_info,
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "profile": cmd_profile,
+    "info": cmd_info,
     "datasets": cmd_datasets,
 }
 
@@ -177,20 +192,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_guarded(fn, argv) -> int:
-    """Known failures (bad config, missing data or checkpoint, NaN loss) → one line, exit 1."""
-    from jax_mmdit.checkpoint import CheckpointError
+    """A `UserError` (bad config or input, missing data or checkpoint, NaN loss) → one line, exit 1;
+    any other exception is a bug and keeps its traceback."""
+    from jax_mmdit.errors import UserError
 
-    expected: tuple[type[BaseException], ...] = (ValueError, CheckpointError, FileNotFoundError)
-    try:
-        from jax_mmdit.data import DatasetUnavailableError
-        from jax_mmdit.train.trainer import NonFiniteLossError
-
-        expected += (DatasetUnavailableError, NonFiniteLossError)
-    except ImportError:
-        pass
     try:
         return fn(argv)
-    except expected as e:
+    except UserError as e:
         if os.environ.get("MMDIT_DEBUG"):
             raise
         print(f"mmdit: error: {e}", file=sys.stderr)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from jax_mmdit.data.config import DataConfig
+from jax_mmdit.errors import UserError
 from jax_mmdit.flow.config import FlowConfig, SamplerConfig
 from jax_mmdit.models.config import ModelConfig
+from jax_mmdit.ops import Kernels
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -38,13 +40,13 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.learning_rate <= 0:
-            raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate}.")
+            raise UserError(f"optim.learning_rate must be > 0, got {self.learning_rate}.")
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}.")
+            raise UserError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}.")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("optim.warmup_steps, grad_clip and weight_decay must be >= 0.")
+            raise UserError("optim.warmup_steps, grad_clip and weight_decay must be >= 0.")
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}.")
+            raise UserError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}.")
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,9 @@ class MeshConfig:
         for name in ("data", "fsdp"):
             v = getattr(self, name)
             if v == 0 or v < -1:
-                raise ValueError(f"mesh.{name} must be a positive device count or -1, got {v}.")
+                raise UserError(f"mesh.{name} must be a positive device count or -1, got {v}.")
         if self.data == -1 and self.fsdp == -1:
-            raise ValueError("At most one of mesh.data and mesh.fsdp can be -1.")
+            raise UserError("At most one of mesh.data and mesh.fsdp can be -1.")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,10 @@ class TrainConfig:
     max_steps: int | None = None  # overrides n_epochs
     grad_accum_steps: int = 1  # micro-batches per step: same maths, 1/grad_accum_steps activations
     precision: Precision = "fp32"  # bf16: bf16 compute; fp16: + dynamic loss scaling
+    # Which implementation of the model's operations runs (jax_mmdit.ops): "onednn" = the package's
+    # C++/oneDNN kernels (CPU), "xla" = XLA's own ops, "auto" = onednn on a one-device CPU mesh
+    # where the kernels build, else xla. Same maths either way; it changes speed, not results.
+    kernels: Kernels = "auto"
     log_every: int = 50  # steps between host syncs for metrics (the only sync in the loop)
     eval_save_steps: int = 500  # steps between eval loss + checkpoint
     n_eval_batches: int = 10  # eval-split batches per evaluation
@@ -95,21 +101,27 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {self.batch_size}.")
+            raise UserError(f"batch_size must be > 0, got {self.batch_size}.")
         if self.grad_accum_steps <= 0 or self.batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"batch_size {self.batch_size} must be divisible by grad_accum_steps "
-                f"{self.grad_accum_steps}."
+            raise UserError(
+                f"batch_size {self.batch_size} must be divisible by grad_accum_steps {self.grad_accum_steps}."
             )
         if self.precision not in PRECISION_DTYPES:
-            raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, got {self.precision!r}.")
+            raise UserError(f"precision must be one of {list(PRECISION_DTYPES)}, got {self.precision!r}.")
+        if self.model.dtype != "float32":
+            raise UserError(
+                f"model.dtype={self.model.dtype!r}: in training the compute dtype comes from precision; "
+                f"set --precision {'bf16' if self.model.dtype == 'bfloat16' else 'fp16'} instead."
+            )
+        if self.kernels not in get_args(Kernels):
+            raise UserError(f"kernels must be one of {get_args(Kernels)}, got {self.kernels!r}.")
         if self.max_steps is None and self.n_epochs <= 0:
-            raise ValueError(f"n_epochs must be > 0, got {self.n_epochs}.")
+            raise UserError(f"n_epochs must be > 0, got {self.n_epochs}.")
         if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps must be > 0, got {self.max_steps}.")
+            raise UserError(f"max_steps must be > 0, got {self.max_steps}.")
         for name in ("log_every", "eval_save_steps"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}.")
 
     @property
     def model_for_precision(self) -> ModelConfig:
@@ -123,24 +135,47 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        sub = {
-            "model": ModelConfig, "flow": FlowConfig, "sampler": SamplerConfig,
-            "data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig,
-        }
-        kwargs = {}
-        for k, v in d.items():
-            if k in sub:
-                kwargs[k] = _dataclass_from_dict(sub[k], v)
-            else:
-                kwargs[k] = v
-        return cls(**kwargs)
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The config of a `to_dict` (e.g. a saved run's). Fields missing from `d` take today's
+        defaults (a field added since the run was saved); a field `d` has and the config does not
+        (renamed or removed) is an error naming it, never dropped."""
+        return _dataclass_from_dict(cls, d, "")
 
 
-def _dataclass_from_dict(cls, d: dict[str, Any]):
+# Nested configs of TrainConfig, by field name.
+_SUB_CONFIGS = {
+    "model": ModelConfig,
+    "flow": FlowConfig,
+    "sampler": SamplerConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "mesh": MeshConfig,
+}
+
+
+def _unknown_fields(cls, d: dict[str, Any], prefix: str = "") -> list[str]:
     names = {f.name for f in dataclasses.fields(cls)}
-    # JSON turns tuples into lists; frozen configs expect tuples for hashability.
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+    unknown = [prefix + k for k in d if k not in names]
+    for k, sub in _SUB_CONFIGS.items():
+        if cls is TrainConfig and isinstance(d.get(k), dict):
+            unknown += _unknown_fields(sub, d[k], f"{k}.")
+    return sorted(unknown)
+
+
+def _dataclass_from_dict(cls, d: dict[str, Any], prefix: str):
+    unknown = _unknown_fields(cls, d, prefix)
+    if unknown:
+        raise UserError(
+            f"The saved config has field(s) this version does not know: {', '.join(unknown)} "
+            "(renamed or removed since the run was written); load the run with the version of jax-mmdit that wrote it."
+        )
+    kwargs = {}
+    for k, v in d.items():
+        if cls is TrainConfig and k in _SUB_CONFIGS:
+            kwargs[k] = _dataclass_from_dict(_SUB_CONFIGS[k], v, f"{k}.")
+        else:  # JSON turns tuples into lists; frozen configs expect tuples for hashability.
+            kwargs[k] = tuple(v) if isinstance(v, list) else v
+    return cls(**kwargs)
 
 
 def _fashion_mnist() -> TrainConfig:
@@ -150,8 +185,14 @@ def _fashion_mnist() -> TrainConfig:
         model=ModelConfig(
             # Patch 4 -> 49 tokens: 4x cheaper per image than patch 2, and one epoch (~10 min on
             # 2 cores) already draws every class recognisably.
-            arch="dit", image_size=28, in_channels=1, patch_size=4, hidden_size=192, depth=6,
-            num_heads=3, num_classes=10,
+            arch="dit",
+            image_size=28,
+            in_channels=1,
+            patch_size=4,
+            hidden_size=192,
+            depth=6,
+            num_heads=3,
+            num_classes=10,
         ),
         data=DataConfig(name="fashion_mnist"),
         sampler=SamplerConfig(num_steps=32, cfg_scale=2.0),
@@ -169,8 +210,14 @@ def _tiny() -> TrainConfig:
     """A seconds-long config for tests and smoke runs."""
     return TrainConfig(
         model=ModelConfig(
-            arch="dit", image_size=28, in_channels=1, patch_size=7, hidden_size=32, depth=2,
-            num_heads=2, num_classes=10,
+            arch="dit",
+            image_size=28,
+            in_channels=1,
+            patch_size=7,
+            hidden_size=32,
+            depth=2,
+            num_heads=2,
+            num_classes=10,
         ),
         data=DataConfig(name="fashion_mnist", max_examples=256),
         sampler=SamplerConfig(num_steps=4, cfg_scale=2.0),
@@ -194,14 +241,15 @@ def _for_dataset(name: str, **model_kw) -> TrainConfig:
     spec = get_spec(name)
     base = _fashion_mnist()
     model = dataclasses.replace(
-        base.model, image_size=spec.image_size, in_channels=spec.channels, num_classes=spec.num_classes,
+        base.model,
+        image_size=spec.image_size,
+        in_channels=spec.channels,
+        num_classes=spec.num_classes,
         **model_kw,
     )
     # Unconditional datasets have nothing to guide with.
     sampler = base.sampler if spec.num_classes else dataclasses.replace(base.sampler, cfg_scale=1.0)
-    return dataclasses.replace(
-        base, model=model, data=DataConfig(name=name), sampler=sampler, run_dir=f"runs/{name}"
-    )
+    return dataclasses.replace(base, model=model, data=DataConfig(name=name), sampler=sampler, run_dir=f"runs/{name}")
 
 
 def _imagenet_latents() -> TrainConfig:
@@ -212,7 +260,11 @@ def _imagenet_latents() -> TrainConfig:
         model=ModelConfig.from_preset("DiT-B/2", image_size=32, in_channels=4, num_classes=1000),
         optim=OptimConfig(learning_rate=1e-4, warmup_steps=1000, ema_decay=0.9999),
         sampler=SamplerConfig(num_steps=50, cfg_scale=1.5),
-        precision="bf16", batch_size=256, n_epochs=80, eval_save_steps=5000, sample_every_n=5000,
+        precision="bf16",
+        batch_size=256,
+        n_epochs=80,
+        eval_save_steps=5000,
+        sample_every_n=5000,
         log_every=100,
     )
 
@@ -230,5 +282,5 @@ PRESETS = {
 
 def get_config(name: str) -> TrainConfig:
     if name not in PRESETS:
-        raise ValueError(f"Unknown config {name!r}; choose from {sorted(PRESETS)}.")
+        raise UserError(f"Unknown config {name!r}; choose from {sorted(PRESETS)}.")
     return PRESETS[name]()

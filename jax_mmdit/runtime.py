@@ -1,24 +1,17 @@
 """Process-wide settings that must be in place before JAX starts (entry points call `configure`).
 
-Each flag below was measured (see docs/performance.md, which also lists flags that did not help):
 - `--xla_cpu_enable_concurrency_optimized_scheduler=false`: XLA:CPU's default scheduler keeps
-  many buffers alive at once for parallelism; turning it off cut temp memory 6.0 → 4.1 GiB for
-  DiT-S/2 at batch 32 and lets batch 128 fit in 24 GB (26 GB asked otherwise). It is also faster
-  on 2 cores: DiT-S/2 batch 32 train step 1.40x (fp32) and 1.06x (bf16) the default's img/s,
-  XLA plan 6.01 → 4.45 GiB (fp32), 5.44 → 3.91 GiB (bf16) (2-core Xeon with AMX, alternated runs).
-Users' own XLA_FLAGS win: we only add flags they did not set.
+  many buffers alive at once for parallelism; off, DiT-S/2's step needs about a third less
+  memory (batch 128 fits in 24 GB) and runs faster on 2 cores. Users' own XLA_FLAGS win.
+- JAX's CPU dispatch is made inline (`MMDIT_CPU_ASYNC_DISPATCH=1` keeps it asynchronous): the
+  asynchronous path marks a program's outputs ready before it frees its temporaries, so the next
+  step could allocate its own beside them, and a heap that keeps freed pages (jemalloc) then
+  kept both.
+- Command-line entry points restart themselves with jemalloc on CPU-only Linux hosts
+  (`use_jemalloc`): XLA:CPU allocates a step's buffers at every execution, and glibc handed big
+  blocks back to the kernel, so every step page-faulted its working set in again.
 
-`configure` also turns off JAX's asynchronous dispatch on the CPU client (`CPU_ASYNC_ENV`=1 keeps
-it). XLA:CPU's asynchronous path marks a program's outputs ready *before* it frees the program's
-temporary buffers, so a step dispatched as soon as the previous one's loss is ready now and then
-allocates its temporaries while the previous step's are still held: a heap that keeps freed pages
-(jemalloc) then keeps two copies for good. `python -m benchmarks.bench_allocator --compare
-dispatch`, peak RSS per process, async vs inline: default config bf16 1.93-1.95 GB in 4 of 4
-processes vs 1.43-1.54 GB; DiT-S/2 bf16 b128 8.52 and 15.02 GB vs 8.50 and 8.44 GB; fp32 b128
-OOM-killed at 24 GB vs 13.67 GB; step time 0.99-1.02x. Inline execution frees the temporaries before it returns.
-
-Command-line entry points also restart themselves with jemalloc on CPU-only Linux hosts
-(`use_jemalloc`): measured in docs/performance.md, `python -m benchmarks.bench_allocator`.
+The measurements behind each are in docs/performance.md (`python -m benchmarks.bench_allocator`).
 """
 
 from __future__ import annotations
@@ -76,12 +69,13 @@ def jemalloc_env(env: dict[str, str], lib: str) -> dict[str, str]:
 def use_jemalloc() -> None:
     """Command-line entry points only: restart this process (same pid, same arguments) with jemalloc
     preloaded, on CPU-only Linux hosts where it is installed (Debian: libjemalloc2), unless
-    MMDIT_ALLOCATOR=system. XLA:CPU allocates a step's buffers at every execution and glibc returns
-    big blocks to the kernel, so each step page-faulted its working set back in: DiT-S/2 fp32 at
-    batch 128 4.7 M faults and 20 s of kernel time per 34.9 s step; with jemalloc (decay off)
-    23.1 s, 1.7 k faults, peak RSS 18.0 GB against 17.8 (`python -m benchmarks.bench_allocator`)."""
-    if (os.environ.get(ALLOCATOR_ENV, "jemalloc") != "jemalloc" or platform.system() != "Linux"
-            or "jemalloc" in os.environ.get("LD_PRELOAD", "") or not _cpu_only()):
+    MMDIT_ALLOCATOR=system (see the module docstring)."""
+    if (
+        os.environ.get(ALLOCATOR_ENV, "jemalloc") != "jemalloc"
+        or platform.system() != "Linux"
+        or "jemalloc" in os.environ.get("LD_PRELOAD", "")
+        or not _cpu_only()
+    ):
         return
     lib = find_jemalloc()
     if lib is None:
@@ -110,13 +104,5 @@ def configure() -> None:
         from absl import logging as absl_logging
 
         absl_logging.set_verbosity(absl_logging.ERROR)
-    except ImportError:
-        pass
-    # Grain 0.2.18 workers read an absl flag before absl has parsed argv (upstream bug): mark parsed.
-    try:
-        from absl import flags as absl_flags
-
-        if not absl_flags.FLAGS.is_parsed():
-            absl_flags.FLAGS.mark_as_parsed()
     except ImportError:
         pass

@@ -37,15 +37,15 @@ def test_the_torch_mmdit_reference_is_sd3_with_our_class_conditioning():
     import jax
     import torch
 
-    from benchmarks.workers import _torch_mmdit, train_config
+    from benchmarks.workers import torch_mmdit, train_config
     from jax_mmdit.train.trainer import Trainer
 
     model = {"image_size": 16, "in_channels": 3, "hidden_size": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
     cfg = train_config({"preset": "MMDiT-S/2", "model": model, "batch": 4})
-    ref = _torch_mmdit(cfg.model, label_dropout=0.1)
+    ref = torch_mmdit(cfg.model, label_dropout=0.1)
     D = cfg.model.hidden_size
     sd3_extras = (D * D + D) + 2 * (D * D + D)  # context_embedder; pooled MLP (two linears)
-    ours = Trainer(cfg, devices=jax.devices()[:1], with_data=False).num_params
+    ours = Trainer(cfg, devices=jax.devices()[:1], with_data=False).param_counts["trainable"]  # SD3's table is a buffer
     assert sum(p.numel() for p in ref.parameters()) == ours + sd3_extras
     assert ref.net.config.qk_norm == "rms_norm" and cfg.model.qk_norm
     x = torch.randn(4, 3, 16, 16)

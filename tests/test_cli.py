@@ -20,8 +20,12 @@ def mmdit(*args, cwd=None, timeout=600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user would run it
     return subprocess.run(
-        [sys.executable, "-m", "jax_mmdit.cli", *args], capture_output=True, text=True, env=env,
-        cwd=cwd or ROOT, timeout=timeout,
+        [sys.executable, "-m", "jax_mmdit.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
     )
 
 
@@ -75,8 +79,21 @@ def test_second_call_resumes_and_continues(trained_run):
 
 def test_sample_png_and_npz(trained_run, tmp_path):
     run, _ = trained_run
-    r = mmdit("sample", "--run", str(run), "--class", "3", "--num", "4", "--cfg", "3", "--steps", "4",
-              "--out", str(tmp_path / "x.png"))
+    r = mmdit(
+        "sample",
+        "--run",
+        str(run),
+        "--class",
+        "3",
+        "--num",
+        "4",
+        "--cfg",
+        "3",
+        "--steps",
+        "4",
+        "--out",
+        str(tmp_path / "x.png"),
+    )
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "x.png").size[0] > 4 * 28
     r = mmdit("sample", "--run", str(run), "--num", "12", "--steps", "3", "--out", str(tmp_path / "s.npz"))
@@ -91,12 +108,44 @@ def test_original_train_py_flags(tmp_path):
     env = {**os.environ}
     env.pop("XLA_FLAGS", None)
     r = subprocess.run(
-        [sys.executable, "train.py", "--dataset_name", "fashion_mnist", "--batch_size", "16",
-         "--n_epochs", "1", "--learning_rate", "1e-3", "--eval_save_steps", "2", "--n_eval_batches", "1",
-         "--sample_every_n", "0", "--half_precision", "--run_dir", str(tmp_path / "r"),
-         "--model.depth", "1", "--model.hidden_size", "32", "--model.num_heads", "2", "--model.patch_size", "7",
-         "--data.max_examples", "64", "--sampler.num_steps", "2"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+        [
+            sys.executable,
+            "train.py",
+            "--dataset_name",
+            "fashion_mnist",
+            "--batch_size",
+            "16",
+            "--n_epochs",
+            "1",
+            "--learning_rate",
+            "1e-3",
+            "--eval_save_steps",
+            "2",
+            "--n_eval_batches",
+            "1",
+            "--sample_every_n",
+            "0",
+            "--half_precision",
+            "--run_dir",
+            str(tmp_path / "r"),
+            "--model.depth",
+            "1",
+            "--model.hidden_size",
+            "32",
+            "--model.num_heads",
+            "2",
+            "--model.patch_size",
+            "7",
+            "--data.max_examples",
+            "64",
+            "--sampler.num_steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4 steps" in r.stdout  # 64 examples / batch 16
@@ -121,11 +170,28 @@ def test_bad_input_is_one_clear_error(args, message):
     assert "Traceback" not in r.stderr
 
 
-def test_info_prints_dit_paper_parameter_count():
-    r = mmdit("info", "--model", "DiT-XL/2", "--image_size", "32", "--in_channels", "4",
-              "--num_classes", "1000", "--learn_sigma")
+@pytest.mark.parametrize("kernels", ["onednn", "xla"])
+def test_info_prints_dit_paper_parameter_count_and_flops_on_each_backend(kernels):
+    # One CPU device, as a user runs it: there "auto" picks the C++ kernels, whose calls XLA's cost
+    # analysis counts as zero (this printed 0.01673 GMACs before the backends' FLOP hook).
+    r = mmdit(
+        "info",
+        "--model",
+        "DiT-XL/2",
+        "--image_size",
+        "32",
+        "--in_channels",
+        "4",
+        "--num_classes",
+        "1000",
+        "--learn_sigma",
+        "--kernels",
+        kernels,
+    )
     assert r.returncode == 0, r.stderr
-    assert "675,129,632" in r.stdout
+    fields = dict(line.split(None, 1) for line in r.stdout.splitlines() if line.strip())
+    assert fields["params"].strip() == "675,129,632" and fields["backend"].strip() == kernels
+    assert float(fields["gmacs_per_image"]) == pytest.approx(118.6, rel=0.01)  # the DiT paper's Gflops
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
@@ -136,9 +202,29 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("XLA_FLAGS", None)
     p = subprocess.Popen(
-        [sys.executable, "-m", "jax_mmdit.cli", "train", "--config", "tiny", "--run_dir", str(run),
-         "--max_steps", "100000", "--eval_save_steps", "100000", "--sample_every_n", "0", "--log_every", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "jax_mmdit.cli",
+            "train",
+            "--config",
+            "tiny",
+            "--run_dir",
+            str(run),
+            "--max_steps",
+            "100000",
+            "--eval_save_steps",
+            "100000",
+            "--sample_every_n",
+            "0",
+            "--log_every",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     deadline = time.time() + 300
     while not (run / "tb").exists() or not list((run / "tb").glob("events*")):

@@ -1,4 +1,5 @@
 """Tests for jax_mmdit.flow: interpolation, timestep sampling, loss, samplers and CFG."""
+
 import math
 
 import jax

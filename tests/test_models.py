@@ -121,7 +121,7 @@ def test_null_class_is_num_classes_with_extra_table_row():
         (lambda: tiny(hidden_size=36, num_heads=5), "hidden_size 36 must be divisible by num_heads 5"),
         (lambda: ModelConfig.from_preset("DiT-M/2"), "Unknown model preset 'DiT-M/2'"),
         (lambda: ModelConfig.from_preset("DiT-S/2", hidden=3), "Unknown ModelConfig field"),
-        (lambda: tiny(arch="vit"), "arch must be 'dit' or 'mmdit'"),
+        (lambda: tiny(arch="vit"), r"arch must be one of \('dit', 'mmdit'\)"),
         (lambda: tiny(dtype="float64"), "dtype must be one of"),
         (lambda: tiny(attention="cudnn"), "attention='cudnn' needs dtype bfloat16"),
         (lambda: tiny("mmdit", context_dim=16), "not both"),

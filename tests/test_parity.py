@@ -96,8 +96,12 @@ def test_mmdit_matches_sd3(qk_norm):
     pooled = rng.standard_normal((B, pooled_dim)).astype(np.float32)
     with torch.no_grad():
         want = _nchw_to_nhwc(
-            ref(x_torch, encoder_hidden_states=torch.from_numpy(ctx), pooled_projections=torch.from_numpy(pooled),
-                timestep=t_torch).sample  # fmt: skip
+            ref(
+                x_torch,
+                encoder_hidden_states=torch.from_numpy(ctx),
+                pooled_projections=torch.from_numpy(pooled),
+                timestep=t_torch,
+            ).sample  # fmt: skip
         )
     got = model(jnp.asarray(x), jnp.asarray(t), context_BxTxE=jnp.asarray(ctx), pooled_BxP=jnp.asarray(pooled))
     got = np.asarray(got)

@@ -37,7 +37,9 @@ def _run(setup: str, env_extra: dict) -> tuple[dict, int]:
     drop = ("XLA_FLAGS", "JAX_PLATFORMS", "LD_PRELOAD", "MALLOC_CONF", "MMDIT_ALLOCATOR")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(env_extra)
-    p = subprocess.Popen([sys.executable, "-c", _PROBE.replace("SETUP", setup)], env=env, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _PROBE.replace("SETUP", setup)], env=env, stdout=subprocess.PIPE, text=True
+    )
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0
     return json.loads(out.strip().splitlines()[-1]), p.pid
@@ -87,8 +89,13 @@ print(json.dumps({"ready_on_return": y.is_ready()}))
 def test_configure_turns_off_async_cpu_dispatch_unless_asked():
     def ready_on_return(env_extra: dict) -> bool:
         env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MMDIT_CPU_ASYNC_DISPATCH")}
-        out = subprocess.run([sys.executable, "-c", _DISPATCH_PROBE], env={**env, "JAX_PLATFORMS": "cpu", **env_extra},
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", _DISPATCH_PROBE],
+            env={**env, "JAX_PLATFORMS": "cpu", **env_extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr[-500:]
         return json.loads(out.stdout.strip().splitlines()[-1])["ready_on_return"]
 

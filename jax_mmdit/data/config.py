@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jax_mmdit.data.registry import get_spec
+from jax_mmdit.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         spec = get_spec(self.name)  # raises for unknown names, listing the valid ones
         if self.image_size is not None and self.image_size <= 0:
-            raise ValueError(f"data.image_size must be positive, got {self.image_size}.")
+            raise UserError(f"data.image_size must be positive, got {self.image_size}.")
         if self.image_size is not None and spec.is_latent and self.image_size != spec.image_size:
-            raise ValueError(f"data.image_size cannot resize the precomputed latents of {self.name!r}.")
+            raise UserError(f"data.image_size cannot resize the precomputed latents of {self.name!r}.")
         if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}.")
+            raise UserError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}.")
         if self.max_examples is not None and self.max_examples <= 0:
-            raise ValueError(f"data.max_examples must be positive, got {self.max_examples}.")
+            raise UserError(f"data.max_examples must be positive, got {self.max_examples}.")
         if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}.")
+            raise UserError(f"data.num_workers must be >= 0, got {self.num_workers}.")
         if self.source is not None and not self.source.strip():
-            raise ValueError("data.source must be a hub id or a path, not an empty string.")
+            raise UserError("data.source must be a hub id or a path, not an empty string.")

@@ -27,6 +27,7 @@ import numpy as np
 from jax_mmdit.data.config import DataConfig
 from jax_mmdit.data.registry import get_spec
 from jax_mmdit.data.sources import HFRecords, Records, load_splits
+from jax_mmdit.errors import UserError
 
 # Mixed into the flip RNG seed so flips stay independent of other draws made from the same seed.
 _FLIP_STREAM = 0x666C6970
@@ -126,7 +127,7 @@ class BatchIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         for key, value in self._fingerprint.items():
             if state.get(key) != value:
-                raise ValueError(
+                raise UserError(
                     f"Iterator state was saved with {key}={state.get(key)!r} but this iterator has {key}={value!r}."
                 )
         self.close()
@@ -160,7 +161,7 @@ class ImageDataset:
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}.")
         steps = self.info.num_examples // global_batch_size
         if steps == 0:
-            raise ValueError(
+            raise UserError(
                 f"global batch {global_batch_size} is larger than the {self.info.num_examples} examples "
                 f"of {self.info.name!r}; use a smaller batch."
             )
@@ -181,7 +182,7 @@ class ImageDataset:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count}).")
         if global_batch_size % process_count:
-            raise ValueError(f"global batch {global_batch_size} does not split evenly over {process_count} processes.")
+            raise UserError(f"global batch {global_batch_size} does not split evenly over {process_count} processes.")
         if not 0 <= seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
         num_workers = self.num_workers if num_workers is None else num_workers
@@ -216,7 +217,7 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "eval"]) -> ImageData
     image_size = cfg.image_size or spec.image_size
     splits, class_names = load_splits(spec, cfg.source, image_size)
     if spec.train_split not in splits:
-        raise ValueError(
+        raise UserError(
             f"The source of {spec.name!r} has splits {', '.join(splits)} but no {spec.train_split!r} split."
         )
     records = splits[spec.train_split]
@@ -245,7 +246,7 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "eval"]) -> ImageData
 def _held_out(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint sorted (train, eval) index sets; sorted so Arrow reads stay mostly sequential."""
     if n < 2:
-        raise ValueError(f"Cannot hold out an eval slice from {n} example(s).")
+        raise UserError(f"Cannot hold out an eval slice from {n} example(s).")
     n_eval = min(n - 1, max(1, round(n * fraction)))
     order = np.random.default_rng(_HOLDOUT_SEED).permutation(n)
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jax_mmdit.errors import UserError
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -23,8 +25,8 @@ class DatasetSpec:
     image_column: str = "image"
     # None = the dataset has no labels (unconditional).
     label_column: str | None = "label"
-    # Human-readable class names, used for sample grids; None where the source's ClassLabel names
-    # (if any) are good enough.
+    # Human-readable class names: the captions under sample grids (`mmdit train`, `mmdit sample`);
+    # None where the source's ClassLabel names (if any) are good enough.
     class_names: tuple[str, ...] | None = None
     # (H, W, C) as stored, None if it varies per image; documents the data and validates arrays.
     native_shape: tuple[int, int, int] | None = None
@@ -45,63 +47,114 @@ class DatasetSpec:
 
     def __post_init__(self) -> None:
         if self.num_classes < 0:
-            raise ValueError(f"Dataset {self.name!r}: num_classes must be >= 0, got {self.num_classes}.")
+            raise UserError(f"Dataset {self.name!r}: num_classes must be >= 0, got {self.num_classes}.")
         if self.image_size <= 0:
-            raise ValueError(f"Dataset {self.name!r}: image_size must be positive, got {self.image_size}.")
+            raise UserError(f"Dataset {self.name!r}: image_size must be positive, got {self.image_size}.")
         if not self.is_latent and self.channels not in (1, 3):
-            raise ValueError(f"Dataset {self.name!r}: image channels must be 1 or 3, got {self.channels}.")
+            raise UserError(f"Dataset {self.name!r}: image channels must be 1 or 3, got {self.channels}.")
         if self.is_latent and self.channels <= 0:
-            raise ValueError(f"Dataset {self.name!r}: latent channels must be positive, got {self.channels}.")
+            raise UserError(f"Dataset {self.name!r}: latent channels must be positive, got {self.channels}.")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(
+            raise UserError(
                 f"Dataset {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes."
             )
         if self.num_classes > 0 and self.label_column is None:
-            raise ValueError(f"Dataset {self.name!r}: num_classes > 0 needs a label_column.")
+            raise UserError(f"Dataset {self.name!r}: num_classes > 0 needs a label_column.")
         if self.latent_scale <= 0:
-            raise ValueError(f"Dataset {self.name!r}: latent_scale must be positive, got {self.latent_scale}.")
+            raise UserError(f"Dataset {self.name!r}: latent_scale must be positive, got {self.latent_scale}.")
         if self.is_latent and self.flip:
-            raise ValueError(f"Dataset {self.name!r}: latents cannot be flipped (the VAE is not mirror-equivariant).")
+            raise UserError(f"Dataset {self.name!r}: latents cannot be flipped (the VAE is not mirror-equivariant).")
 
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
         DatasetSpec(
-            name="mnist", hub_id="ylecun/mnist", num_classes=10, image_size=28, channels=1,
-            class_names=tuple(str(d) for d in range(10)), native_shape=(28, 28, 1), flip=False,
+            name="mnist",
+            hub_id="ylecun/mnist",
+            num_classes=10,
+            image_size=28,
+            channels=1,
+            class_names=tuple(str(d) for d in range(10)),
+            native_shape=(28, 28, 1),
+            flip=False,
         ),
         DatasetSpec(
-            name="fashion_mnist", hub_id="zalando-datasets/fashion_mnist", num_classes=10,
-            image_size=28, channels=1, class_names=FASHION_MNIST_CLASSES, native_shape=(28, 28, 1),
+            name="fashion_mnist",
+            hub_id="zalando-datasets/fashion_mnist",
+            num_classes=10,
+            image_size=28,
+            channels=1,
+            class_names=FASHION_MNIST_CLASSES,
+            native_shape=(28, 28, 1),
             local_paths=("/usr/share/datasets/fashion-mnist",),
         ),
         DatasetSpec(
-            name="cifar10", hub_id="uoft-cs/cifar10", num_classes=10, image_size=32, channels=3,
-            image_column="img", class_names=CIFAR10_CLASSES, native_shape=(32, 32, 3),
+            name="cifar10",
+            hub_id="uoft-cs/cifar10",
+            num_classes=10,
+            image_size=32,
+            channels=3,
+            image_column="img",
+            class_names=CIFAR10_CLASSES,
+            native_shape=(32, 32, 3),
         ),
         DatasetSpec(
-            name="flowers", hub_id="nelorth/oxford-flowers", num_classes=102, image_size=64,
-            channels=3, in_memory=False,
+            name="flowers",
+            hub_id="nelorth/oxford-flowers",
+            num_classes=102,
+            image_size=64,
+            channels=3,
+            in_memory=False,
         ),
         DatasetSpec(
             # 1000 images, no class labels and no test split.
-            name="butterflies", hub_id="huggan/smithsonian_butterflies_subset", num_classes=0,
-            image_size=64, channels=3, label_column=None, eval_split=None, in_memory=False,
+            name="butterflies",
+            hub_id="huggan/smithsonian_butterflies_subset",
+            num_classes=0,
+            image_size=64,
+            channels=3,
+            label_column=None,
+            eval_split=None,
+            in_memory=False,
         ),
         DatasetSpec(
             # SD-VAE latents of 256x256 ImageNet, precomputed offline into an .npz
             # (arrays `latents` NHWC float and `labels`).
-            name="imagenet", hub_id=None, num_classes=1000, image_size=32, channels=4,
-            native_shape=(32, 32, 4), flip=False, eval_split=None, is_latent=True,
+            name="imagenet",
+            hub_id=None,
+            num_classes=1000,
+            image_size=32,
+            channels=4,
+            native_shape=(32, 32, 4),
+            flip=False,
+            eval_split=None,
+            is_latent=True,
             latent_scale=0.18215,
         ),
     )
@@ -111,5 +164,5 @@ DATASETS: dict[str, DatasetSpec] = {
 def get_spec(name: str) -> DatasetSpec:
     """The spec registered under `name`; unknown names fail with the list of valid ones."""
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}.")
+        raise UserError(f"Unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}.")
     return DATASETS[name]

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from jax_mmdit.data.registry import DatasetSpec
+from jax_mmdit.errors import UserError
 
 SourceKind = Literal["hub", "disk", "parquet", "imagefolder", "idx", "npz"]
 
@@ -27,7 +28,7 @@ SourceKind = Literal["hub", "disk", "parquet", "imagefolder", "idx", "npz"]
 _IDX_SPLITS = {"train": "train", "t10k": "test", "test": "test"}
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(UserError):
     """The dataset is neither installed locally nor reachable on the Hugging Face hub."""
 
 
@@ -40,7 +41,7 @@ class ArrayRecords:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or len(self.images) != len(self.labels):
-            raise ValueError(
+            raise UserError(
                 f"Expected images (N, H, W, C) and N labels, got {self.images.shape} and {self.labels.shape}."
             )
 
@@ -115,7 +116,7 @@ def detect_source(source: str) -> SourceKind:
             return "npz"
         if path.endswith(".parquet"):
             return "parquet"
-        raise ValueError(f"Data source file {source!r} is neither .npz nor .parquet.")
+        raise UserError(f"Data source file {source!r} is neither .npz nor .parquet.")
     if os.path.isdir(path):
         names = os.listdir(path)
         if "dataset_dict.json" in names or "state.json" in names:
@@ -128,7 +129,7 @@ def detect_source(source: str) -> SourceKind:
     if glob.glob(path):  # a glob of parquet files
         return "parquet"
     if source.startswith(("/", ".", "~")) or source.endswith((".npz", ".parquet")):
-        raise ValueError(f"Data source path {source!r} does not exist.")
+        raise UserError(f"Data source path {source!r} does not exist.")
     return "hub"
 
 
@@ -155,7 +156,7 @@ def load_splits(
         images, labels = _read_npz(spec, path)
         return {spec.train_split: _conform(spec, images, labels, image_size, source)}, spec.class_names
     if spec.is_latent:
-        raise ValueError(f"Dataset {spec.name!r} holds latents: pass an .npz source, not {kind} {source!r}.")
+        raise UserError(f"Dataset {spec.name!r} holds latents: pass an .npz source, not {kind} {source!r}.")
     if kind == "hub":
         hf = _load_hub(spec, source)
     elif kind == "disk":
@@ -201,16 +202,16 @@ def _hf_records(spec: DatasetSpec, ds: datasets.Dataset, source: str, image_size
         next((c for c, f in features.items() if isinstance(f, datasets.Image)), None),
     )
     if image_column is None:
-        raise ValueError(f"Source {source!r} has no image column (columns: {', '.join(features)}).")
+        raise UserError(f"Source {source!r} has no image column (columns: {', '.join(features)}).")
     if spec.num_classes == 0:
         labels = np.zeros(len(ds), np.int32)
     else:
         label_column = next((c for c in (spec.label_column, "label") if c in features), None)
         if label_column is None:
-            raise ValueError(f"Source {source!r} has no {spec.label_column!r} column for the labels of {spec.name!r}.")
+            raise UserError(f"Source {source!r} has no {spec.label_column!r} column for the labels of {spec.name!r}.")
         labels = np.asarray(ds[label_column])
         if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"Labels in column {label_column!r} of {source!r} must be integers, got {labels.dtype}.")
+            raise UserError(f"Labels in column {label_column!r} of {source!r} must be integers, got {labels.dtype}.")
         _check_labels(spec, labels, source)
     undecoded = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
     return HFRecords(undecoded, image_column, labels.astype(np.int32), image_size, spec.channels)
@@ -225,7 +226,7 @@ def _class_label_names(spec: DatasetSpec, ds: datasets.Dataset) -> tuple[str, ..
 
 def _check_labels(spec: DatasetSpec, labels: np.ndarray, source: str) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise ValueError(
+        raise UserError(
             f"Labels of {source!r} span [{labels.min()}, {labels.max()}] but {spec.name!r} has "
             f"{spec.num_classes} classes."
         )
@@ -238,25 +239,25 @@ def _conform(
     if images.ndim == 3:  # grayscale stored without a channel axis (IDX)
         images = images[..., None]
     if images.ndim != 4:
-        raise ValueError(f"Expected images shaped (N, H, W[, C]), got {images.shape}.")
+        raise UserError(f"Expected images shaped (N, H, W[, C]), got {images.shape}.")
     if labels is None:
         if spec.num_classes > 0:
-            raise ValueError(f"Dataset {spec.name!r} needs labels but the source has none.")
+            raise UserError(f"Dataset {spec.name!r} needs labels but the source has none.")
         labels = np.zeros(len(images), np.int32)
     if len(labels) != len(images):
-        raise ValueError(f"The source has {len(images)} images but {len(labels)} labels.")
+        raise UserError(f"The source has {len(images)} images but {len(labels)} labels.")
     if spec.num_classes > 0:
         if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"Labels of {source!r} must be integers, got {labels.dtype}.")
+            raise UserError(f"Labels of {source!r} must be integers, got {labels.dtype}.")
         _check_labels(spec, labels, source)
     labels = labels.astype(np.int32)
     target = (image_size, image_size, spec.channels)
     if spec.is_latent:
         if images.shape[1:] != target:
-            raise ValueError(f"Latents of {spec.name!r} must be NHWC {target}, got {images.shape[1:]}.")
+            raise UserError(f"Latents of {spec.name!r} must be NHWC {target}, got {images.shape[1:]}.")
         return ArrayRecords(images, labels)
     if images.dtype != np.uint8:
-        raise ValueError(f"Image arrays must be uint8 in [0, 255], got {images.dtype}.")
+        raise UserError(f"Image arrays must be uint8 in [0, 255], got {images.dtype}.")
     if images.shape[1:] != target:
         gray = images.shape[-1] == 1
         images = np.stack(
@@ -269,21 +270,21 @@ def _read_npz(spec: DatasetSpec, path: str) -> tuple[np.ndarray, np.ndarray | No
     with np.load(path) as npz:
         key = next((k for k in ("latents", "images") if k in npz.files), None)
         if key is None:
-            raise ValueError(f"{path} needs an array named 'images' or 'latents'; it has {', '.join(npz.files)}.")
+            raise UserError(f"{path} needs an array named 'images' or 'latents'; it has {', '.join(npz.files)}.")
         return npz[key], npz["labels"] if "labels" in npz.files else None
 
 
 def _read_idx(path: str) -> np.ndarray:
     """One IDX file (the MNIST format: a magic number, big-endian dims, raw data)."""
-    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file.")
+        raise UserError(f"{path} is not an unsigned-byte IDX file.")
     ndim = data[3]
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path} holds {array.size} bytes of data for shape {shape}.")
+        raise UserError(f"{path} holds {array.size} bytes of data for shape {shape}.")
     return array.reshape(shape)
 
 
@@ -293,6 +294,6 @@ def _read_idx_dir(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         prefix, suffix = os.path.basename(images_path).split("-images-idx3-ubyte")
         labels_path = os.path.join(path, f"{prefix}-labels-idx1-ubyte{suffix}")
         if not os.path.isfile(labels_path):
-            raise ValueError(f"{images_path} has no labels file {labels_path}.")
+            raise UserError(f"{images_path} has no labels file {labels_path}.")
         splits[_IDX_SPLITS.get(prefix, prefix)] = (_read_idx(images_path), _read_idx(labels_path))
     return splits

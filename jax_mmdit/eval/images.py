@@ -7,7 +7,7 @@ import os
 
 import imageio.v2 as imageio
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(x_BxHxWxC: np.ndarray, is_latent: bool = False) -> np.ndarray:
@@ -46,10 +46,45 @@ def save_png(path: str | os.PathLike, image_HxWxC: np.ndarray, scale: int = 1) -
     img.save(path)
 
 
-def save_grid_png(path, images_BxHxWxC_uint8, ncols=None, scale=1) -> np.ndarray:
+def save_grid_png(path, images_BxHxWxC_uint8, ncols=None, scale=1, captions=None) -> np.ndarray:
+    """A grid PNG, each image `scale`x; with `captions` (one string per image) a line of text under
+    every image. Returns the grid as written (uint8 HxWxC)."""
     grid = make_grid(images_BxHxWxC_uint8, ncols)
-    save_png(path, grid, scale)
+    if scale > 1:
+        grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8))
+    if captions is not None:
+        grid = _caption(grid, images_BxHxWxC_uint8.shape[1:3], ncols, scale, captions)
+    save_png(path, grid)
     return grid
+
+
+_PAD = 2  # make_grid's border
+
+
+def _caption(grid: np.ndarray, hw: tuple[int, int], ncols: int | None, scale: int, captions) -> np.ndarray:
+    """The scaled grid with a text strip below each row of images, each caption under its image."""
+    h, w = hw[0] * scale, hw[1] * scale
+    pad = _PAD * scale
+    n = len(captions)
+    ncols = ncols or math.ceil(math.sqrt(n))
+    font = ImageFont.load_default()
+    line = font.getbbox("Ag")[3] + 4
+    rows = []
+    for r in range(math.ceil(n / ncols)):
+        rows.append(grid[r * (h + pad) : (r + 1) * (h + pad) + (pad if r == math.ceil(n / ncols) - 1 else 0)])
+        gray = grid.shape[-1] == 1
+        strip = Image.new("L" if gray else "RGB", (grid.shape[1], line), 255 if gray else (255, 255, 255))
+        draw = ImageDraw.Draw(strip)
+        for c in range(ncols):
+            i = r * ncols + c
+            if i < n:
+                text = str(captions[i])
+                while text and draw.textlength(text, font=font) > w:  # cut to the image's width
+                    text = text[:-1]
+                draw.text((pad + c * (w + pad), 1), text, fill=0 if gray else (0, 0, 0), font=font)
+        strip = np.asarray(strip, np.uint8)
+        rows.append(strip[..., None] if strip.ndim == 2 else strip)
+    return np.concatenate(rows, axis=0)
 
 
 def trajectory_frames(traj_TxBxHxWxC_uint8: np.ndarray, ncols: int | None = None) -> list[np.ndarray]:

@@ -1,4 +1,15 @@
-"""Rectified Flow: training loss (make_loss_fn) and ODE samplers (sample, sample_loop)."""
+"""Rectified Flow: the training loss and the ODE samplers.
+
+    loss_fn = make_loss_fn(FlowConfig(), null_class=num_classes)   # None/0: no label dropout
+    loss, aux = loss_fn(model, x_BxHxWxC, y_B, rng)   # aux: per-t-bin sums and counts of the MSE
+    x0 = sample(model, noise_BxHxWxC, y_B, SamplerConfig(num_steps=50, cfg_scale=4.0))
+    x0 = sample_loop(velocity_fn, noise, y, sampler_cfg, null_class=...)   # any v(x, t_B, y_B); jit it
+
+x_t = (1 - t) x + t eps, t = 1 is noise; the model predicts eps - x. Each random choice of a step
+(t, noise, label dropout) has its own stream (`STREAM_*`, folded into the step's key). Samplers
+integrate in float32 in one `lax.scan`; CFG is one batched forward of both branches.
+"""
+
 from jax_mmdit.flow.config import FlowConfig, SamplerConfig
 from jax_mmdit.flow.rectified_flow import (
     STREAM_LABEL_DROP,

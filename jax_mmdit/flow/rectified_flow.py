@@ -3,10 +3,12 @@
 Convention (SD3 / minRF): x_t = (1 - t) * x + t * eps, so t = 0 is data and t = 1 is pure noise.
 The model predicts the velocity dx_t/dt = eps - x; sampling integrates it from t = 1 down to 0.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +85,8 @@ def drop_labels(rng: jax.Array, y_B: jax.Array, prob: float, null_class: int) ->
     return jnp.where(drop_B, jnp.asarray(null_class, y_B.dtype), y_B)
 
 
-def _is_conditional(null_class: int | None) -> bool:
-    # null_class == num_classes, so 0 means an unconditional model, like None.
+def is_conditional(null_class: int | None) -> bool:
+    """Does a model with this null class (== num_classes) take labels? 0 and None: unconditional."""
     return null_class is not None and null_class > 0
 
 
@@ -99,7 +101,7 @@ def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None) -> LossFn:
     """
     if null_class is not None and (isinstance(null_class, bool) or not isinstance(null_class, int) or null_class < 0):
         raise ValueError(f"null_class must be None or an int >= 0 (== num_classes), got {null_class!r}.")
-    conditional = _is_conditional(null_class)
+    conditional = is_conditional(null_class)
     num_bins = flow_cfg.num_loss_bins
 
     def loss_fn(model: Any, x_BxHxWxC: jax.Array, y_B: jax.Array | None, rng: jax.Array):

@@ -4,17 +4,18 @@ The whole loop is traced once (`lax.scan`) so a jitted call runs every step with
 Python. `sample_loop` is the pure core over any velocity function; `sample` wraps an NNX model and
 caches the compiled loop per (graphdef, config).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jax_mmdit.flow.config import SamplerConfig
-from jax_mmdit.flow.rectified_flow import _is_conditional, time_shift
+from jax_mmdit.flow.rectified_flow import is_conditional, time_shift
 
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 
@@ -44,7 +45,7 @@ def _make_guided_velocity(
     # cfg_scale == 1 is exactly the conditional model, so skip the unconditional pass altogether.
     if cfg.cfg_scale == 1.0:
         return v_cond
-    if not _is_conditional(null_class) or y_B is None:
+    if not is_conditional(null_class) or y_B is None:
         raise ValueError(
             f"cfg_scale={cfg.cfg_scale} needs a class-conditional model (null_class > 0) and labels y; "
             "use cfg_scale=1.0 for unconditional sampling."
@@ -142,7 +143,7 @@ def sample(
     unconditional and cannot use cfg_scale != 1. Returns what `sample_loop` returns.
     """
     null_class = getattr(model, "null_class", None)
-    null_class = int(null_class) if _is_conditional(null_class) else None
+    null_class = int(null_class) if is_conditional(null_class) else None
     graphdef, state = nnx.split(model)
     return _sample_jitted(
         graphdef, state, noise_BxHxWxC, y_B, cfg=cfg, null_class=null_class, return_trajectory=return_trajectory

@@ -1,27 +1,30 @@
-"""DiT and SD3-style MMDiT in Flax NNX.
+"""DiT and SD3-style MMDiT in Flax NNX, written in the operations of `jax_mmdit.ops`.
 
     cfg = ModelConfig.from_preset("DiT-S/2", image_size=32, in_channels=3, num_classes=10)
-    model = create_model(cfg, rngs=nnx.Rngs(0))
+    model = create_model(cfg, rngs=nnx.Rngs(0))   # or ops=jax_mmdit.ops.resolve("xla")
     v_BxHxWxC = model(x_BxHxWxC, t_B, y_B)      # t in [0, 1]; y == cfg.num_classes is the null class
+    v = model(x, t, context_BxTxE=..., pooled_BxP=...)   # a text-conditioned MMDiT
+
+- Everything is NHWC; the output is float32 whatever the compute dtype, with 2C channels under
+  `learn_sigma` (the flow uses the first C). A fresh model outputs exactly 0 (adaLN-Zero).
+- Parameters are float32 `nnx.Param`s; with `pos_embed="sincos"` the fixed table is a
+  `FixedEmbedding` (checkpointed and counted, not trained). Models hold no mutable Python state
+  and no sharding annotations (the trainer's table in `train/mesh.py` decides from shapes).
+- With `num_classes=0` DiT ignores `y` and MMDiT uses its null-class tokens; with `num_classes>0`,
+  `y` is required. Out-of-range labels give NaN outputs (jnp.take's "fill"), not silent clamping.
+- `dit_from_diffusers` / `mmdit_from_diffusers` read diffusers' DiT and SD3 transformers (module or
+  state dict; torch is never imported here); `model_summary(cfg)` gives parameters and FLOPs
+  without building weights.
 """
 
 from __future__ import annotations
 
-from flax import nnx
-
 from jax_mmdit.models.config import PRESETS, ModelConfig
 from jax_mmdit.models.convert import dit_from_diffusers, mmdit_from_diffusers
 from jax_mmdit.models.dit import DiT
+from jax_mmdit.models.factory import create_model
 from jax_mmdit.models.mmdit import MMDiT
 from jax_mmdit.models.summary import count_params, model_summary
-
-
-def create_model(cfg: ModelConfig, rngs: nnx.Rngs) -> DiT | MMDiT:
-    """Build the network `cfg.arch` names; parameters are float32."""
-    if cfg.arch == "dit":
-        return DiT(cfg, rngs)
-    return MMDiT(cfg, rngs)
-
 
 __all__ = [
     "PRESETS",

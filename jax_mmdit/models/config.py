@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
+
+from jax_mmdit.errors import UserError
 
 # (hidden_size, depth, num_heads) per size, from the DiT paper.
 _SIZES: dict[str, tuple[int, int, int]] = {
@@ -43,6 +45,12 @@ def _build_presets() -> dict[str, dict[str, Any]]:
 PRESETS: dict[str, dict[str, Any]] = _build_presets()
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+Arch = Literal["dit", "mmdit"]
+PosEmbed = Literal["sincos", "learned"]
+Stem = Literal["patch", "conv"]
+MlpKind = Literal["gelu", "swiglu"]
+DtypeName = Literal["float32", "bfloat16", "float16"]
+Attention = Literal["auto", "xla", "cudnn"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class ModelConfig:
     """Architecture of a DiT or MMDiT. Defaults are DiT-S/2 on 32x32x4 ImageNet latents."""
 
     # Which network: "dit" (single stream, adaLN-Zero) or "mmdit" (SD3 two-stream joint attention).
-    arch: str = "dit"
+    arch: Arch = "dit"
     # Input height = width in pixels (or latent cells); must be a multiple of patch_size.
     image_size: int = 32
     # Input channels (3 for RGB, 4 for SD VAE latents, 16 for SD3 latents).
@@ -70,18 +78,19 @@ class ModelConfig:
     # Output 2*C channels like published DiT weights (the flow only uses the first C).
     learn_sigma: bool = False
     # "sincos": fixed 2D sin-cos table (DiT/SD3); "learned": trainable table.
-    pos_embed: str = "sincos"
+    pos_embed: PosEmbed = "sincos"
     # "patch": linear patchify (paper); "conv": 3x3 conv + GroupNorm stem first, helps tiny images.
-    stem: str = "patch"
+    stem: Stem = "patch"
     # RMSNorm on per-head queries and keys (SD3.5); avoids attention-logit growth at scale.
     qk_norm: bool = False
     # "gelu": paper MLP (tanh GELU); "swiglu": gated MLP, often slightly better per FLOP.
-    mlp: str = "gelu"
-    # Compute dtype of activations/matmuls; parameters, norms and softmax stay float32.
-    dtype: str = "float32"
-    # Attention kernel: "auto" (GPU: cuDNN flash with an XLA fallback; CPU: the fused oneDNN kernel
-    # where it builds), "xla" (XLA's softmax between matmuls), or "cudnn" (GPU flash, half dtypes).
-    attention: str = "auto"
+    mlp: MlpKind = "gelu"
+    # Compute dtype of activations/matmuls; parameters, norms and softmax stay float32. In training
+    # it is set by TrainConfig.precision, so leave it at float32 there.
+    dtype: DtypeName = "float32"
+    # Attention kernel: "auto" (GPU: cuDNN flash with an XLA fallback; CPU: the fused kernel with
+    # --kernels onednn), "xla" (softmax between separate matmuls), or "cudnn" (GPU flash, half dtypes).
+    attention: Attention = "auto"
     # Recompute each block in the backward pass: less activation memory, ~30% more compute.
     remat: bool = False
     # MMDiT only: width of precomputed text-token embeddings (0 = learned class tokens).
@@ -94,9 +103,21 @@ class ModelConfig:
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(msg)
+                raise UserError(msg)
 
-        need(self.arch in ("dit", "mmdit"), f"arch must be 'dit' or 'mmdit', got {self.arch!r}.")
+        def one_of(name: str, choices) -> None:
+            value = getattr(self, name)
+            need(value in get_args(choices), f"{name} must be one of {get_args(choices)}, got {value!r}.")
+
+        for name, choices in (
+            ("arch", Arch),
+            ("pos_embed", PosEmbed),
+            ("stem", Stem),
+            ("mlp", MlpKind),
+            ("dtype", DtypeName),
+            ("attention", Attention),
+        ):
+            one_of(name, choices)
         for name in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}.")
@@ -112,16 +133,6 @@ class ModelConfig:
         need(self.hidden_size % 4 == 0, f"hidden_size must be a multiple of 4, got {self.hidden_size}.")
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}.")
         need(self.num_classes >= 0, f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}.")
-        need(
-            self.pos_embed in ("sincos", "learned"), f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}."
-        )
-        need(self.stem in ("patch", "conv"), f"stem must be 'patch' or 'conv', got {self.stem!r}.")
-        need(self.mlp in ("gelu", "swiglu"), f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}.")
-        need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
-        need(
-            self.attention in ("auto", "xla", "cudnn"),
-            f"attention must be 'auto', 'xla' or 'cudnn', got {self.attention!r}.",
-        )
         need(
             self.attention != "cudnn" or self.dtype in ("bfloat16", "float16"),
             f"attention='cudnn' needs dtype bfloat16 or float16, got {self.dtype!r}.",
@@ -173,12 +184,12 @@ class ModelConfig:
         return self.arch == "mmdit" and self.context_dim == 0
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """`ModelConfig.from_preset("DiT-XL/2", image_size=32, num_classes=1000)`."""
         if name not in PRESETS:
-            raise ValueError(f"Unknown model preset {name!r}; choose one of {', '.join(PRESETS)}.")
+            raise UserError(f"Unknown model preset {name!r}; choose one of {', '.join(PRESETS)}.")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"Unknown ModelConfig field(s) {unknown}; valid fields are {sorted(fields)}.")
+            raise UserError(f"Unknown ModelConfig field(s) {unknown}; valid fields are {sorted(fields)}.")
         return cls(**{**PRESETS[name], **overrides})

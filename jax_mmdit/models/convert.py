@@ -19,16 +19,17 @@ Known convention gaps (checked by tests/test_parity.py):
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jax_mmdit.models.config import ModelConfig
-from jax_mmdit.models.dit import DiT
+from jax_mmdit.models.factory import create_model
 from jax_mmdit.models.layers import FixedEmbedding, sincos_pos_embed_2d
-from jax_mmdit.models.mmdit import MMDiT
+from jax_mmdit.ops import Ops
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -98,10 +99,9 @@ def _center_crop_pos(table: np.ndarray, grid: int) -> np.ndarray:
     return table.reshape(m, m, D)[top : top + grid, top : top + grid].reshape(grid * grid, D)
 
 
-def _build(cfg: ModelConfig, target: dict[str, np.ndarray]) -> nnx.Module:
+def _build(cfg: ModelConfig, target: dict[str, np.ndarray], ops: Ops | None) -> nnx.Module:
     """Fill an abstract model (never materialising random weights) from `target`."""
-    model_cls = DiT if cfg.arch == "dit" else MMDiT
-    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0), ops))
     graphdef, state = nnx.split(abstract)
     filled, filled_keys, missing = [], set(), []
     for path, var in nnx.to_flat_state(state):
@@ -125,8 +125,9 @@ def _build(cfg: ModelConfig, target: dict[str, np.ndarray]) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def dit_from_diffusers(torch_module_or_state_dict: Any, cfg: ModelConfig) -> nnx.Module:
-    """diffusers `DiTTransformer2DModel` -> our `DiT` (cfg must describe the same network)."""
+def dit_from_diffusers(torch_module_or_state_dict: Any, cfg: ModelConfig, ops: Ops | None = None) -> nnx.Module:
+    """diffusers `DiTTransformer2DModel` -> our `DiT` (cfg must describe the same network), on the
+    backend `ops` (None: `create_model`'s default)."""
     if cfg.arch != "dit" or cfg.qk_norm or cfg.mlp != "gelu" or cfg.stem != "patch" or cfg.num_classes == 0:
         raise ValueError("diffusers DiT has no QK-norm/SwiGLU/conv stem and is class-conditional; adjust cfg.")
     src = _Source(torch_module_or_state_dict)
@@ -160,10 +161,10 @@ def dit_from_diffusers(torch_module_or_state_dict: Any, cfg: ModelConfig) -> nnx
     _put_linear(t, "final.modulation.linear", src.linear("proj_out_1"))
     _put_linear(t, "final.linear", src.linear("proj_out_2"))
     src.check_all_used()
-    return _build(cfg, t)
+    return _build(cfg, t, ops)
 
 
-def mmdit_from_diffusers(torch_module_or_state_dict: Any, cfg: ModelConfig) -> nnx.Module:
+def mmdit_from_diffusers(torch_module_or_state_dict: Any, cfg: ModelConfig, ops: Ops | None = None) -> nnx.Module:
     """diffusers `SD3Transformer2DModel` -> our text-conditioned `MMDiT`.
 
     cfg needs arch="mmdit", context_dim = joint_attention_dim, pooled_dim = pooled_projection_dim,
@@ -205,4 +206,4 @@ def mmdit_from_diffusers(torch_module_or_state_dict: Any, cfg: ModelConfig) -> n
     _put_linear(t, "final.modulation.linear", _swap_halves(src.linear("norm_out.linear")))
     _put_linear(t, "final.linear", src.linear("proj_out"))
     src.check_all_used()
-    return _build(cfg, t)
+    return _build(cfg, t, ops)

@@ -8,46 +8,47 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_mmdit.models.config import ModelConfig
 from jax_mmdit.models.attention import QKV
+from jax_mmdit.models.config import ModelConfig
 from jax_mmdit.models.layers import (
+    NORM_EPS,
+    Dense,
     FinalLayer,
     LabelEmbedder,
     Mlp,
     Modulation,
     PatchEmbed,
     TimestepEmbedder,
-    gated_residual,
-    linear,
-    ln_modulate,
     make_pos_embed,
     unpatchify,
 )
+from jax_mmdit.ops import Ops
 
 
 class DiTBlock(nnx.Module):
     """Pre-norm self-attention + MLP, each LayerNorm modulated and each branch gated by adaLN-Zero."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, ops: Ops, rngs: nnx.Rngs):
         D, dtype = cfg.hidden_size, cfg.compute_dtype
-        self.dtype, self.attention_impl = dtype, cfg.attention
-        self.modulation = Modulation(D, 6, dtype, rngs)
-        self.attn = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, rngs)
-        self.attn_out = linear(D, D, dtype, rngs)
-        self.mlp = Mlp(D, cfg.mlp_ratio, cfg.mlp, dtype, rngs)
+        self.dtype, self.ops = dtype, ops
+        self.modulation = Modulation(D, 6, dtype, ops, rngs)
+        self.attn = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, ops, rngs)
+        self.attn_out = Dense(D, D, dtype, ops, rngs)
+        self.mlp = Mlp(D, cfg.mlp_ratio, cfg.mlp, dtype, ops, rngs)
 
     def __call__(self, x_BxLxD: jax.Array, c_BxD: jax.Array) -> jax.Array:
         B, L, D = x_BxLxD.shape
+        ops = self.ops
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c_BxD)
 
-        h_NxD = ln_modulate(x_BxLxD, shift_a, scale_a, self.dtype).reshape(B * L, D)
-        o_BxLxD = self.attn.self_attention(h_NxD, B, self.attention_impl)
+        h_NxD = ops.ln_modulate(x_BxLxD, shift_a, scale_a, self.dtype, NORM_EPS).reshape(B * L, D)
+        o_BxLxD = self.attn.self_attention(h_NxD, B)
         a_NxD = self.attn_out(o_BxLxD.reshape(B * L, D))
-        x_BxLxD = gated_residual(x_BxLxD, gate_a, a_NxD.reshape(B, L, D))
+        x_BxLxD = ops.gated_residual(x_BxLxD, gate_a, a_NxD.reshape(B, L, D))
 
-        h_NxD = ln_modulate(x_BxLxD, shift_m, scale_m, self.dtype).reshape(B * L, D)
+        h_NxD = ops.ln_modulate(x_BxLxD, shift_m, scale_m, self.dtype, NORM_EPS).reshape(B * L, D)
         m_NxD = self.mlp(h_NxD)
-        return gated_residual(x_BxLxD, gate_m, m_NxD.reshape(B, L, D))
+        return ops.gated_residual(x_BxLxD, gate_m, m_NxD.reshape(B, L, D))
 
 
 def check_inputs(cfg: ModelConfig, x_BxHxWxC: jax.Array, t_B: jax.Array) -> None:
@@ -68,17 +69,19 @@ def check_labels(cfg: ModelConfig, y_B: jax.Array | None, batch: int) -> None:
 
 
 class DiT(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """The network; `ops` is the backend its layers compute with (`jax_mmdit.ops.resolve`)."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, rngs: nnx.Rngs):
         if cfg.arch != "dit":
             raise ValueError(f"DiT needs cfg.arch == 'dit', got {cfg.arch!r}.")
         self.cfg = cfg
         D, dtype = cfg.hidden_size, cfg.compute_dtype
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, rngs)
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, ops, rngs)
         self.pos_embed = make_pos_embed(cfg.pos_embed, cfg.grid_size, D, rngs)
-        self.t_embedder = TimestepEmbedder(D, dtype, rngs)
+        self.t_embedder = TimestepEmbedder(D, dtype, ops, rngs)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, rngs) if cfg.num_classes > 0 else None
-        self.blocks = nnx.List([DiTBlock(cfg, rngs) for _ in range(cfg.depth)])
-        self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, rngs)
+        self.blocks = nnx.List([DiTBlock(cfg, ops, rngs) for _ in range(cfg.depth)])
+        self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, ops, rngs)
 
     @property
     def null_class(self) -> int:

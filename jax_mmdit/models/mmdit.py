@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_mmdit.models.attention import QKV
 from jax_mmdit.models.config import ModelConfig
 from jax_mmdit.models.dit import check_inputs, check_labels
-from jax_mmdit.models.attention import QKV, joint_attention
 from jax_mmdit.models.layers import (
+    NORM_EPS,
+    Dense,
     FinalLayer,
     LabelEmbedder,
     Mlp,
@@ -29,77 +31,78 @@ from jax_mmdit.models.layers import (
     Modulation,
     PatchEmbed,
     TimestepEmbedder,
-    gated_residual,
-    linear,
-    ln_modulate,
     make_pos_embed,
     unpatchify,
 )
+from jax_mmdit.ops import Ops
 
 
 class MMDiTBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, pre_only: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, pre_only: bool, ops: Ops, rngs: nnx.Rngs):
         D, dtype = cfg.hidden_size, cfg.compute_dtype
-        self.dtype, self.attention_impl, self.pre_only = dtype, cfg.attention, pre_only
+        self.dtype, self.ops, self.pre_only = dtype, ops, pre_only
         # image stream
-        self.x_modulation = Modulation(D, 6, dtype, rngs)
-        self.x_attn = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, rngs)
-        self.x_attn_out = linear(D, D, dtype, rngs)
-        self.x_mlp = Mlp(D, cfg.mlp_ratio, cfg.mlp, dtype, rngs)
+        self.x_modulation = Modulation(D, 6, dtype, ops, rngs)
+        self.x_attn = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, ops, rngs)
+        self.x_attn_out = Dense(D, D, dtype, ops, rngs)
+        self.x_mlp = Mlp(D, cfg.mlp_ratio, cfg.mlp, dtype, ops, rngs)
         # context stream; pre-only needs just (shift, scale) for the pre-attention norm
-        self.c_modulation = Modulation(D, 2 if pre_only else 6, dtype, rngs)
-        self.c_attn = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, rngs)
-        self.c_attn_out = None if pre_only else linear(D, D, dtype, rngs)
-        self.c_mlp = None if pre_only else Mlp(D, cfg.mlp_ratio, cfg.mlp, dtype, rngs)
+        self.c_modulation = Modulation(D, 2 if pre_only else 6, dtype, ops, rngs)
+        self.c_attn = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, ops, rngs)
+        self.c_attn_out = None if pre_only else Dense(D, D, dtype, ops, rngs)
+        self.c_mlp = None if pre_only else Mlp(D, cfg.mlp_ratio, cfg.mlp, dtype, ops, rngs)
 
     def __call__(
         self, x_BxLxD: jax.Array, ctx_BxTxD: jax.Array, c_BxD: jax.Array
     ) -> tuple[jax.Array, jax.Array | None]:
         B, L, D = x_BxLxD.shape
         T = ctx_BxTxD.shape[1]
+        ops = self.ops
         x_shift_a, x_scale_a, x_gate_a, x_shift_m, x_scale_m, x_gate_m = self.x_modulation(c_BxD)
         if self.pre_only:
             c_shift_a, c_scale_a = self.c_modulation(c_BxD)
         else:
             c_shift_a, c_scale_a, c_gate_a, c_shift_m, c_scale_m, c_gate_m = self.c_modulation(c_BxD)
 
-        hx_NxD = ln_modulate(x_BxLxD, x_shift_a, x_scale_a, self.dtype).reshape(B * L, D)
-        hc_MxD = ln_modulate(ctx_BxTxD, c_shift_a, c_scale_a, self.dtype).reshape(B * T, D)
-        ox_BxLxD, oc_BxTxD = joint_attention(self.x_attn(hx_NxD, B), self.c_attn(hc_MxD, B), self.attention_impl)
+        hx_NxD = ops.ln_modulate(x_BxLxD, x_shift_a, x_scale_a, self.dtype, NORM_EPS).reshape(B * L, D)
+        hc_MxD = ops.ln_modulate(ctx_BxTxD, c_shift_a, c_scale_a, self.dtype, NORM_EPS).reshape(B * T, D)
+        ox_BxLxD, oc_BxTxD = ops.joint_attention(self.x_attn(hx_NxD, B), self.c_attn(hc_MxD, B))
 
         ax_NxD = self.x_attn_out(ox_BxLxD.reshape(B * L, D))
-        x_BxLxD = gated_residual(x_BxLxD, x_gate_a, ax_NxD.reshape(B, L, D))
-        hx_NxD = ln_modulate(x_BxLxD, x_shift_m, x_scale_m, self.dtype).reshape(B * L, D)
-        x_BxLxD = gated_residual(x_BxLxD, x_gate_m, self.x_mlp(hx_NxD).reshape(B, L, D))
+        x_BxLxD = ops.gated_residual(x_BxLxD, x_gate_a, ax_NxD.reshape(B, L, D))
+        hx_NxD = ops.ln_modulate(x_BxLxD, x_shift_m, x_scale_m, self.dtype, NORM_EPS).reshape(B * L, D)
+        x_BxLxD = ops.gated_residual(x_BxLxD, x_gate_m, self.x_mlp(hx_NxD).reshape(B, L, D))
         if self.pre_only:
             return x_BxLxD, None
 
         ac_MxD = self.c_attn_out(oc_BxTxD.reshape(B * T, D))
-        ctx_BxTxD = gated_residual(ctx_BxTxD, c_gate_a, ac_MxD.reshape(B, T, D))
-        hc_MxD = ln_modulate(ctx_BxTxD, c_shift_m, c_scale_m, self.dtype).reshape(B * T, D)
-        ctx_BxTxD = gated_residual(ctx_BxTxD, c_gate_m, self.c_mlp(hc_MxD).reshape(B, T, D))
+        ctx_BxTxD = ops.gated_residual(ctx_BxTxD, c_gate_a, ac_MxD.reshape(B, T, D))
+        hc_MxD = ops.ln_modulate(ctx_BxTxD, c_shift_m, c_scale_m, self.dtype, NORM_EPS).reshape(B * T, D)
+        ctx_BxTxD = ops.gated_residual(ctx_BxTxD, c_gate_m, self.c_mlp(hc_MxD).reshape(B, T, D))
         return x_BxLxD, ctx_BxTxD
 
 
 class MMDiT(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """The network; `ops` is the backend its layers compute with (`jax_mmdit.ops.resolve`)."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, rngs: nnx.Rngs):
         if cfg.arch != "mmdit":
             raise ValueError(f"MMDiT needs cfg.arch == 'mmdit', got {cfg.arch!r}.")
         self.cfg = cfg
         D, dtype = cfg.hidden_size, cfg.compute_dtype
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, rngs)
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, ops, rngs)
         self.pos_embed = make_pos_embed(cfg.pos_embed, cfg.grid_size, D, rngs)
-        self.t_embedder = TimestepEmbedder(D, dtype, rngs)
+        self.t_embedder = TimestepEmbedder(D, dtype, ops, rngs)
         if cfg.uses_class_tokens:
             self.class_tokens = LabelEmbedder(cfg.num_classes, cfg.num_context_tokens * D, rngs)
             self.pooled_embedder = LabelEmbedder(cfg.num_classes, D, rngs)
             self.context_embedder = None
         else:
             self.class_tokens = None
-            self.context_embedder = linear(cfg.context_dim, D, dtype, rngs)
-            self.pooled_embedder = MlpEmbedder(cfg.pooled_dim, D, dtype, rngs) if cfg.pooled_dim > 0 else None
-        self.blocks = nnx.List([MMDiTBlock(cfg, pre_only=(i == cfg.depth - 1), rngs=rngs) for i in range(cfg.depth)])
-        self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, rngs)
+            self.context_embedder = Dense(cfg.context_dim, D, dtype, ops, rngs)
+            self.pooled_embedder = MlpEmbedder(cfg.pooled_dim, D, dtype, ops, rngs) if cfg.pooled_dim > 0 else None
+        self.blocks = nnx.List([MMDiTBlock(cfg, i == cfg.depth - 1, ops, rngs) for i in range(cfg.depth)])
+        self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, ops, rngs)
 
     @property
     def null_class(self) -> int:

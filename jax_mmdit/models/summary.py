@@ -1,9 +1,10 @@
 """Parameter counts and forward FLOPs of a config, without materialising any weights.
 
-FLOP convention: numbers come from XLA's HLO cost analysis of one jitted forward pass, which
-counts a multiply-add as 2 FLOPs (plus elementwise ops, softmax, norms). The DiT paper's "Gflops"
-(e.g. 118.6 for DiT-XL/2 at 32x32x4) count a multiply-add once, so compare `gmacs_per_image`
-(= XLA FLOPs / 2) with the paper; it is within a few percent because matmuls dominate.
+FLOP convention: the backend's `flops` hook on one compiled forward pass: XLA's cost analysis,
+which counts a multiply-add as 2 FLOPs (plus elementwise ops, softmax, norms), and the backend's
+own kernels, which XLA counts as zero. The DiT paper's "Gflops" (e.g. 118.6 for DiT-XL/2 at
+32x32x4) count a multiply-add once, so compare `gmacs_per_image` (= FLOPs / 2) with the paper; it
+is within a few percent because matmuls dominate.
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ import numpy as np
 from flax import nnx
 
 from jax_mmdit.models.config import ModelConfig
+from jax_mmdit.models.factory import create_model
 from jax_mmdit.models.layers import FixedEmbedding
+from jax_mmdit.ops import Ops, resolve
 
 
-def _abstract_model(cfg: ModelConfig) -> nnx.Module:
-    from jax_mmdit.models import create_model  # package __init__ defines it; import at call time
-
-    return nnx.eval_shape(lambda: create_model(cfg, rngs=nnx.Rngs(0)))
+def _size(state) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
 
 def count_params(model: nnx.Module) -> dict[str, int]:
-    """{"total", "trainable", "fixed"}: total counts the fixed sin-cos table, as DiT's paper does."""
-    size = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))  # noqa: E731
-    trainable = size(nnx.state(model, nnx.Param))
-    fixed = size(nnx.state(model, FixedEmbedding))
+    """{"total", "trainable", "fixed"} of a model (concrete or abstract): total counts the fixed
+    sin-cos table, as DiT's paper does."""
+    trainable = _size(nnx.state(model, nnx.Param))
+    fixed = _size(nnx.state(model, FixedEmbedding))
     return {"total": trainable + fixed, "trainable": trainable, "fixed": fixed}
 
 
@@ -49,23 +50,25 @@ def _example_inputs(cfg: ModelConfig, batch: int) -> dict[str, jax.ShapeDtypeStr
     return inputs
 
 
-def forward_flops(cfg: ModelConfig, batch: int = 1) -> float:
-    """XLA-counted FLOPs of one forward pass over `batch` images (lowering only, no compile)."""
-    graphdef, state = nnx.split(_abstract_model(cfg))
+def forward_flops(cfg: ModelConfig, ops: Ops, batch: int = 1) -> float:
+    """FLOPs of one forward pass over `batch` images on backend `ops` (compiled, never run)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0), ops)))
 
     def forward(state: nnx.State, inputs: dict[str, jax.Array]) -> jax.Array:
         return nnx.merge(graphdef, state)(**inputs)
 
-    cost = jax.jit(forward).lower(state, _example_inputs(cfg, batch)).cost_analysis()
-    if not cost or "flops" not in cost:
+    flops = ops.flops(jax.jit(forward).lower(state, _example_inputs(cfg, batch)).compile())
+    if flops is None:
         raise RuntimeError("XLA cost analysis returned no FLOP count on this backend.")
-    return float(cost["flops"])
+    return flops
 
 
-def model_summary(cfg: ModelConfig) -> dict[str, Any]:
-    """Sizes and per-image forward cost of `cfg`, for `mmdit info` and logs."""
-    params = count_params(_abstract_model(cfg))
-    flops = forward_flops(cfg, batch=1)
+def model_summary(cfg: ModelConfig, ops: Ops | None = None) -> dict[str, Any]:
+    """Sizes and per-image forward cost of `cfg` on backend `ops` (None: kernels="auto"), for
+    `mmdit info` and logs."""
+    ops = resolve("auto", cfg.attention) if ops is None else ops
+    params = count_params(nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0), ops)))
+    flops = forward_flops(cfg, ops, batch=1)
     return {
         "arch": cfg.arch,
         "params": params["total"],
@@ -74,6 +77,7 @@ def model_summary(cfg: ModelConfig) -> dict[str, Any]:
         "tokens": cfg.num_patches,
         "gflops_per_image": flops / 1e9,
         "gmacs_per_image": flops / 2e9,
-        "flops_convention": "XLA HLO cost analysis of one forward; 1 multiply-add = 2 FLOPs "
-        "(the DiT paper's Gflops count multiply-adds: compare gmacs_per_image)",
+        "backend": ops.name,
+        "flops_convention": "XLA's cost analysis of one compiled forward plus the backend's kernels; 1 multiply-add "
+        "= 2 FLOPs (the DiT paper's Gflops count multiply-adds: compare gmacs_per_image)",
     }

@@ -28,14 +28,6 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.add_image(tag, image_HxWxC_uint8, step, dataformats="HWC")
 
-    def text(self, step: int, tag: str, text: str) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, text, step)
-
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -19,9 +19,11 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jax_mmdit.config import MeshConfig
+from jax_mmdit.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
 # Arrays smaller than this stay replicated: sharding a bias costs more in collectives than it saves.
@@ -47,18 +49,19 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     data, fsdp = cfg.data, cfg.fsdp
     if data == -1:
         if n % fsdp:
-            raise ValueError(f"mesh.fsdp={fsdp} does not divide the {n} available devices.")
+            raise UserError(f"mesh.fsdp={fsdp} does not divide the {n} available devices.")
         data = n // fsdp
     if fsdp == -1:
         if n % data:
-            raise ValueError(f"mesh.data={data} does not divide the {n} available devices.")
+            raise UserError(f"mesh.data={data} does not divide the {n} available devices.")
         fsdp = n // data
     if data * fsdp != n:
-        raise ValueError(f"mesh data×fsdp = {data}×{fsdp} = {data * fsdp} but {n} devices are available.")
+        raise UserError(f"mesh data×fsdp = {data}×{fsdp} = {data * fsdp} but {n} devices are available.")
     # Auto axes: XLA propagates shardings through the model (explicit mode would demand
     # annotations on every FSDP matmul).
     return Mesh(
-        np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"),
+        np.asarray(devices).reshape(data, fsdp),
+        ("data", "fsdp"),
         axis_types=(AxisType.Auto, AxisType.Auto),
     )
 
@@ -95,20 +98,16 @@ def state_shardings(abstract_state, mesh: Mesh):
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, micro_batches: int = 1) -> None:
-    n = mesh.size
-    if global_batch % micro_batches or (global_batch // micro_batches) % n:
-        raise ValueError(
+    """Every micro-batch must split evenly over the mesh's devices (and so over its processes,
+    which hold equal shares of the devices)."""
+    if global_batch % micro_batches or (global_batch // micro_batches) % mesh.size:
+        raise UserError(
             f"batch_size {global_batch} (÷ grad_accum_steps {micro_batches}) must be divisible by "
-            f"the {n} devices of the mesh."
+            f"the {mesh.size} devices of the mesh."
         )
-    if global_batch % jax.process_count():
-        raise ValueError(f"batch_size {global_batch} must be divisible by {jax.process_count()} processes.")
 
 
 def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble the global batch from each process's share (no host-to-host copy)."""
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-        for k, v in local.items()
-    }
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}

@@ -1,10 +1,9 @@
-"""FLOPs from XLA's cost analysis, model FLOPs utilisation (MFU) and device memory."""
+"""Model FLOPs utilisation (MFU) and device memory. (FLOPs of a compiled step come from the
+backend's hook, `Ops.flops`.)"""
 
 from __future__ import annotations
 
 import jax
-
-from jax_mmdit.kernels import onednn
 
 # Dense peak FLOP/s per chip (no sparsity), by compute dtype. Sources: vendor datasheets.
 PEAK_FLOPS = {
@@ -29,19 +28,6 @@ def device_peak_flops(device: jax.Device, dtype: str) -> float | None:
     return None
 
 
-def compiled_flops(compiled) -> float | None:
-    """Total FLOPs of one call of a compiled XLA executable (summed over devices' programs)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends do not implement cost analysis
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"]) + onednn.hlo_flops(compiled.as_text() or "")
-
-
 def mfu(flops_per_step: float | None, step_seconds: float, num_devices: int, peak: float | None) -> float | None:
     """Achieved / peak FLOP/s. Under SPMD `flops_per_step` is per device program, so the
     achieved rate is compared with one device's peak."""
@@ -56,9 +42,7 @@ def memory_stats(device: jax.Device | None = None) -> dict[str, float]:
         stats = device.memory_stats() or {}
     except Exception:
         stats = {}
-    return {
-        k: float(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats
-    }
+    return {k: float(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
 
 
 def compiled_memory(compiled) -> dict[str, float]:

@@ -7,16 +7,18 @@ It is jitted once by the trainer with explicit shardings and the state donated.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jax_mmdit.config import OptimConfig, TrainConfig
+from jax_mmdit.config import OptimConfig
 from jax_mmdit.train.mesh import BATCH_AXES
 
 # fp16 dynamic loss scaling: start high, halve on overflow, double after this many clean steps.
@@ -39,7 +41,10 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, cfg.learning_rate, warmup_steps=max(warmup, 1), decay_steps=max(total_steps, warmup + 1),
+            0.0,
+            cfg.learning_rate,
+            warmup_steps=max(warmup, 1),
+            decay_steps=max(total_steps, warmup + 1),
             end_value=cfg.learning_rate * cfg.min_lr_ratio,
         )
     if warmup == 0:
@@ -81,18 +86,23 @@ def _select(pred, a, b):
 
 
 def make_train_step(
-    cfg: TrainConfig,
     graphdef,
     rest,
     loss_fn: Callable,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    optim: OptimConfig,
+    *,
+    grad_accum_steps: int = 1,
+    loss_scaling: bool = False,
     mesh: Mesh | None = None,
 ):
-    """Build `train_step(state, batch, rng) -> (state, metrics)` (not yet jitted)."""
-    accum = cfg.grad_accum_steps
-    fp16 = cfg.precision == "fp16"
-    ocfg = cfg.optim
+    """Build `train_step(state, batch, rng) -> (state, metrics)` (not yet jitted). `optim` gives
+    the EMA (decay, warmup); `loss_scaling` turns on fp16's dynamic loss scale; with `mesh`, the
+    micro-batches of gradient accumulation keep the batch's sharding."""
+    accum = grad_accum_steps
+    fp16 = loss_scaling
+    ocfg = optim
 
     def micro_loss(params, x, y, rng, loss_scale):
         model = nnx.merge(graphdef, params, rest)
@@ -135,9 +145,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         # One key per step, derived from the step: resuming replays exactly the same randomness.
         step_rng = jax.random.fold_in(rng, state.step)
-        grads, loss, aux = grads_and_loss(
-            state.params, batch["image"], batch["label"], step_rng, state.loss_scale
-        )
+        grads, loss, aux = grads_and_loss(state.params, batch["image"], batch["label"], step_rng, state.loss_scale)
         grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
         # One scalar says whether every gradient is finite: a NaN or inf anywhere makes the global
         # norm NaN or inf. (So does a norm past float32's range, ~1.8e19: a gradient no step should
@@ -176,12 +184,15 @@ def make_train_step(
                 apply, jnp.where(grow, loss_scale * 2.0, loss_scale), jnp.maximum(loss_scale / 2.0, 1.0)
             )
             good_steps = jnp.where(apply & ~grow, good_steps + 1, 0)
-        nonfinite_step = jnp.where(
-            (state.nonfinite_step < 0) & ~loss_finite, state.step, state.nonfinite_step
-        )
+        nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~loss_finite, state.step, state.nonfinite_step)
         new_state = TrainState(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-            loss_scale=loss_scale, good_steps=good_steps, nonfinite_step=nonfinite_step,
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema,
+            loss_scale=loss_scale,
+            good_steps=good_steps,
+            nonfinite_step=nonfinite_step,
         )
         metrics = {
             "loss": loss,

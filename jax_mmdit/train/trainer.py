@@ -1,9 +1,9 @@
 """`Trainer`: builds mesh, data, model and state, runs the loop, evaluates, samples, checkpoints.
 
-    trainer = Trainer(get_config("fashion_mnist"))
-    trainer.train()
-    images = trainer.sample(labels=[0, 1, 2])
-    trainer = Trainer.load("runs/fashion_mnist")      # sampling from a finished run
+trainer = Trainer(get_config("fashion_mnist"))
+trainer.train()
+images = trainer.sample(labels=[0, 1, 2])
+trainer = Trainer.load("runs/fashion_mnist")      # sampling from a finished run
 """
 
 from __future__ import annotations
@@ -20,20 +20,29 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jax_mmdit import ops as ops_lib
 from jax_mmdit.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, load_config_dict
 from jax_mmdit.config import TrainConfig
+from jax_mmdit.data.registry import get_spec
+from jax_mmdit.errors import UserError
 from jax_mmdit.eval import images as imgs
-from jax_mmdit.flow import make_loss_fn, sample as flow_sample
-from jax_mmdit.models import create_model
+from jax_mmdit.flow import make_loss_fn
+from jax_mmdit.flow import sample as flow_sample
+from jax_mmdit.models import count_params, create_model
 from jax_mmdit.train import mesh as mesh_lib
 from jax_mmdit.train import profiler
 from jax_mmdit.train.logger import MetricLogger, summarize_window
 from jax_mmdit.train.step import (
-    init_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step, split_model,
+    init_train_state,
+    make_eval_step,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+    split_model,
 )
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """Training produced a NaN/inf loss; the message names the step and the last good checkpoint."""
 
 
@@ -45,6 +54,9 @@ class Trainer:
         mesh_lib.check_batch_divisible(cfg.batch_size, self.mesh, cfg.grad_accum_steps)
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = cfg.model_for_precision
+        # The backend of the model's operations, chosen once for this mesh (builds the C++ kernels
+        # here when they are picked, never inside a trace).
+        self.ops = ops_lib.resolve(cfg.kernels, self.model_cfg.attention, list(self.mesh.devices.flat))
 
         # --- data -------------------------------------------------------------------------
         self.train_data = self.eval_data = None
@@ -57,13 +69,14 @@ class Trainer:
         self.is_latent = bool(self.train_data.info.is_latent) if self.train_data else False
 
         # --- model and state (created directly in their final shardings) ---------------------
-        mcfg, seed = self.model_cfg, cfg.seed
+        mcfg, seed, model_ops = self.model_cfg, cfg.seed, self.ops
 
         def init_params():
-            _, params, rest = split_model(create_model(mcfg, rngs=nnx.Rngs(seed)))
+            _, params, rest = split_model(create_model(mcfg, nnx.Rngs(seed), model_ops))
             return params, rest
 
-        self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(mcfg, rngs=nnx.Rngs(seed))))
+        abstract_model = nnx.eval_shape(lambda: create_model(mcfg, nnx.Rngs(seed), model_ops))
+        self.graphdef = nnx.graphdef(abstract_model)
         abstract_params, abstract_rest = jax.eval_shape(init_params)
         self.total_steps = self._total_steps()
         self.schedule = make_schedule(cfg.optim, self.total_steps)
@@ -78,7 +91,8 @@ class Trainer:
         self.state = jax.jit(init_state, out_shardings=self.state_sharding)(params)
         del params
         self.rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), repl)
-        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+        self.param_counts = count_params(abstract_model)  # total (the DiT paper's count), trainable, fixed
+        self.num_params = self.param_counts["total"]
 
         # --- steps ---------------------------------------------------------------------------
         null_class = mcfg.num_classes if mcfg.num_classes > 0 else None
@@ -86,7 +100,15 @@ class Trainer:
         # Eval measures the conditional model: no label dropout, fixed t/noise across evals.
         self.eval_loss_fn = make_loss_fn(dataclasses.replace(cfg.flow, label_dropout=0.0), null_class=null_class)
         train_step = make_train_step(
-            cfg, self.graphdef, self.rest, self.loss_fn, self.tx, self.schedule, self.mesh
+            self.graphdef,
+            self.rest,
+            self.loss_fn,
+            self.tx,
+            self.schedule,
+            cfg.optim,
+            grad_accum_steps=cfg.grad_accum_steps,
+            loss_scaling=cfg.precision == "fp16",
+            mesh=self.mesh,
         )
         bsh = mesh_lib.batch_sharding(self.mesh)
         self._train_step_jit = jax.jit(
@@ -95,15 +117,11 @@ class Trainer:
             out_shardings=(self.state_sharding, repl),
             donate_argnums=0,
         )
-        self._compiled_step = None
-        # XLA:CPU: a step dispatched while the previous one still runs allocates its buffers
-        # alongside the previous step's, and a heap that keeps freed pages (jemalloc, which
-        # `mmdit` preloads on CPU) keeps that doubled high-water mark: DiT-S/2 bf16 at batch 128
-        # was OOM-killed at 24 GB, 14.6 GB with one step in flight (b32: 8.3 -> 5.2 GB), at the
-        # same step time. On CPU the host threads are the device, so the overlap bought nothing.
-        # Waiting for the previous loss is not quite enough: XLA's async path frees a program's
-        # temporaries just after its outputs are ready, so `runtime.configure` (called by `mmdit`
-        # and train.py) also makes CPU dispatch inline; with that, this wait is a no-op.
+        self.compiled_step = None  # the train step's executable, once compiled (`compile_step`)
+        # On CPU one step in flight: a step dispatched while the previous one runs allocates its
+        # buffers beside the previous step's, and a heap that keeps freed pages (jemalloc, which
+        # `mmdit` preloads) keeps that doubled high-water mark (DiT-S/2 bf16 b128 ran out of 24 GB).
+        # The host threads are the device, so the overlap bought nothing.
         self._one_step_in_flight = all(d.platform == "cpu" for d in self.mesh.devices.flat)
         self._in_flight = None
         self.flops_per_step = None
@@ -124,14 +142,13 @@ class Trainer:
         m = self.model_cfg
         want = (m.image_size, m.image_size, m.in_channels)
         if tuple(info.image_shape) != want:
-            raise ValueError(
+            raise UserError(
                 f"Dataset {info.name!r} gives images of shape {tuple(info.image_shape)} but the model "
                 f"expects {want}: set --model.image_size/--model.in_channels or --data.image_size."
             )
         if m.num_classes and info.num_classes and m.num_classes != info.num_classes:
-            raise ValueError(
-                f"Dataset {info.name!r} has {info.num_classes} classes but the model has "
-                f"num_classes={m.num_classes}."
+            raise UserError(
+                f"Dataset {info.name!r} has {info.num_classes} classes but the model has num_classes={m.num_classes}."
             )
 
     def _total_steps(self) -> int:
@@ -139,13 +156,7 @@ class Trainer:
             return self.cfg.max_steps
         if self.train_data is None:
             return 1
-        per_epoch = self.train_data.info.num_examples // self.cfg.batch_size
-        if per_epoch == 0:
-            raise ValueError(
-                f"batch_size {self.cfg.batch_size} is larger than the {self.train_data.info.num_examples} "
-                "training examples."
-            )
-        return max(1, math.ceil(self.cfg.n_epochs * per_epoch))
+        return max(1, math.ceil(self.cfg.n_epochs * self.train_data.steps_per_epoch(self.cfg.batch_size)))
 
     @property
     def step(self) -> int:
@@ -156,8 +167,12 @@ class Trainer:
 
     def _make_train_iterator(self):
         return self.train_data.iterator(
-            self.cfg.batch_size, seed=self.cfg.seed, process_index=jax.process_index(),
-            process_count=jax.process_count(), shuffle=True, repeat=True,
+            self.cfg.batch_size,
+            seed=self.cfg.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            shuffle=True,
+            repeat=True,
         )
 
     def _ensure_checkpointer(self) -> Checkpointer:
@@ -179,7 +194,7 @@ class Trainer:
         """One optimizer step on this process's share of a global batch; returns device metrics
         (no host sync: call jax.device_get on them when you need numbers)."""
         batch = mesh_lib.global_batch_from_local(local_batch, self.mesh)
-        compiled = self._get_compiled_step(self.state, batch)
+        compiled = self.compile_step(batch)
         if self._in_flight is not None:
             jax.block_until_ready(self._in_flight)
         self.state, metrics = compiled(self.state, batch, self.rng)
@@ -187,12 +202,13 @@ class Trainer:
             self._in_flight = metrics["loss"]
         return metrics
 
-    def _get_compiled_step(self, state, batch):
-        if self._compiled_step is None:
-            lowered = self._train_step_jit.lower(state, batch, self.rng)
-            self._compiled_step = lowered.compile()
-            self.flops_per_step = profiler.compiled_flops(self._compiled_step)
-        return self._compiled_step
+    def compile_step(self, batch):
+        """The train step compiled for batches shaped like `batch` (once; later calls return it).
+        Sets `flops_per_step` through the backend's FLOP hook."""
+        if self.compiled_step is None:
+            self.compiled_step = self._train_step_jit.lower(self.state, batch, self.rng).compile()
+            self.flops_per_step = self.ops.flops(self.compiled_step)
+        return self.compiled_step
 
     # ------------------------------------------------------------------------------------------
     def train(self, until_step: int | None = None) -> dict[str, float]:
@@ -314,8 +330,13 @@ class Trainer:
         """Mean flow loss of the EMA model on the eval split, same batches/noise every call."""
         n = self.cfg.n_eval_batches if n_batches is None else n_batches
         it = self.eval_data.iterator(
-            self.cfg.batch_size, seed=0, process_index=jax.process_index(),
-            process_count=jax.process_count(), shuffle=False, repeat=True, num_workers=0,
+            self.cfg.batch_size,
+            seed=0,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            shuffle=False,
+            repeat=True,
+            num_workers=0,
         )
         eval_rng = jax.device_put(jax.random.key_data(jax.random.key(1234)), mesh_lib.replicated(self.mesh))
         losses = []
@@ -328,18 +349,43 @@ class Trainer:
     def ema_model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state.ema_params, self.rest)
 
+    def captions(self, labels) -> list[str] | None:
+        """The class names of `labels` (for grid captions), or None where the dataset names none."""
+        names = (
+            self.train_data.info.class_names
+            if self.train_data is not None
+            else get_spec(self.cfg.data.name).class_names
+        )
+        if not names or not self.model_cfg.num_classes:
+            return None
+        return [names[int(y)] for y in labels]
+
+    def sample_labels(self, num: int, classes=None) -> np.ndarray:
+        """`num` labels cycling over `classes` (default: every class in turn); zeros for an
+        unconditional model."""
+        if num < 1:
+            raise UserError(f"The number of samples must be at least 1, got {num}.")
+        if not self.model_cfg.num_classes:
+            return np.zeros(num, np.int32)
+        classes = np.arange(self.model_cfg.num_classes) if classes is None or len(classes) == 0 else np.asarray(classes)
+        return np.resize(classes, num).astype(np.int32)
+
     def sample(
-        self, labels=None, num: int | None = None, seed: int = 0, sampler_cfg=None, return_trajectory=False,
+        self,
+        labels=None,
+        num: int | None = None,
+        seed: int = 0,
+        sampler_cfg=None,
+        return_trajectory=False,
     ):
         """Draw images with the EMA model. Returns float32 NHWC in [-1, 1] (and the trajectory)."""
         scfg = sampler_cfg or self.cfg.sampler
         m = self.model_cfg
-        if labels is None:
-            n = num or self.cfg.num_sample_images
-            labels = np.arange(n) % m.num_classes if m.num_classes else np.zeros(n)
-        labels = np.asarray(labels, np.int32)
+        labels = (
+            self.sample_labels(num or self.cfg.num_sample_images) if labels is None else np.asarray(labels, np.int32)
+        )
         if m.num_classes and (labels.min() < 0 or labels.max() >= m.num_classes):
-            raise ValueError(f"Class labels must be in [0, {m.num_classes}), got {labels.tolist()}.")
+            raise UserError(f"Class labels must be in [0, {m.num_classes}), got {labels.tolist()}.")
         shape = (len(labels), m.image_size, m.image_size, m.in_channels)
         noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         out = flow_sample(self.ema_model(), noise, jnp.asarray(labels), scfg, return_trajectory=return_trajectory)
@@ -347,11 +393,18 @@ class Trainer:
 
     def write_samples(self, step: int, out_dir: Path, logger: MetricLogger | None = None) -> Path:
         """One image per class (capped) with CFG: PNG grid, trajectory grid PNG and GIF."""
-        x, traj = self.sample(return_trajectory=True)
+        labels = self.sample_labels(self.cfg.num_sample_images)
+        x, traj = self.sample(labels, return_trajectory=True)
         if jax.process_index() != 0:
             return out_dir
         ncols = min(len(x), max(self.model_cfg.num_classes, 1), 10)
-        grid = imgs.save_grid_png(out_dir / f"step_{step:07d}.png", imgs.to_uint8(x, self.is_latent), ncols, scale=2)
+        grid = imgs.save_grid_png(
+            out_dir / f"step_{step:07d}.png",
+            imgs.to_uint8(x, self.is_latent),
+            ncols,
+            scale=2,
+            captions=self.captions(labels),
+        )
         traj_u8 = np.stack([imgs.to_uint8(t, self.is_latent) for t in traj])
         imgs.save_trajectory_gif(out_dir / f"step_{step:07d}.gif", traj_u8, ncols)
         imgs.save_png(out_dir / f"step_{step:07d}_trajectory.png", imgs.trajectory_grid(traj_u8), scale=2)
@@ -361,7 +414,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, run_dir: str, step: int | None = None, devices=None, **overrides) -> "Trainer":
+    def load(cls, run_dir: str, step: int | None = None, devices=None, **overrides) -> Trainer:
         """A trainer for a saved run (config read from the checkpoint), with its weights restored."""
         cfg_dict, step = load_config_dict(run_dir, step)
         cfg_dict = {**cfg_dict, "run_dir": str(run_dir), **overrides}
@@ -376,7 +429,7 @@ class Trainer:
         n = num_steps or self.cfg.profile_steps
         it = self._make_train_iterator()
         batch = mesh_lib.global_batch_from_local(next(it), self.mesh)
-        compiled = self._get_compiled_step(self.state, batch)
+        compiled = self.compile_step(batch)
         self.state, m = compiled(self.state, batch, self.rng)
         jax.block_until_ready(m["loss"])
         trace_dir = self.run_dir / "profile"

@@ -1,7 +1,7 @@
 // XLA:CPU custom calls on oneDNN: a (batched) matmul, linear layers (bias fused, result in the
 // operands' dtype), the MLP's linear + GELU with its GELU backward, and a dense layer's whole
 // backward. Fused attention is in attention_kernels.cc, the memory-bound row kernels (adaLN,
-// QK-norm, column sum, gated residual) in row_kernels.cc.
+// QK-norm, gated residual) in row_kernels.cc.
 //
 // Matmul.
 //

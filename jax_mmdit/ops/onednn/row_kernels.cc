@@ -1,7 +1,7 @@
 // Memory-bound kernels in plain C++ with OpenMP (one pass over rows, vectorised per row): adaLN
 // (LayerNorm + per-sample modulation; oneDNN's layer normalization has one scale/shift for all
-// rows) forward and backward, the column sum of the dense layers' bias gradient, and the gated
-// residual's backward.
+// rows) forward and backward, QK-norm's RMSNorm, the gated residual's backward, and the column sum
+// the dense backward (onednn_kernels.cc) uses for the bias gradient.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -290,22 +290,6 @@ ffi::Error RmsNormBackward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::A
   return ffi::Error::Success();
 }
 
-// ---- column sum (the dense layers' bias gradient) ---------------------------------------------
-// db = sum over rows of dz (M, N), float32 or bfloat16 -> (N) float32. oneDNN ran it as a ones-row
-// matmul (a 1 x M by M x N gemv) at 5-6 GFLOP/s, ~5 ms per DiT-S/2 MLP layer at batch 32: a
-// memory-bound sum needs one read of dz. Each thread adds a contiguous block of rows into its own
-// N floats (rows are read in order, so the hardware prefetcher streams them), then the blocks'
-// sums are added in thread order (deterministic for a given thread count).
-
-ffi::Error ColumnSum(ffi::AnyBuffer z, ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  auto zd = z.dimensions();
-  if (zd.size() != 2 || (z.element_type() != ffi::F32 && z.element_type() != ffi::BF16) ||
-      out->element_count() != static_cast<size_t>(zd[1]))
-    return ffi::Error::InvalidArgument("column_sum: wants z (M, N), float32 or bfloat16, and a (N) result");
-  ColumnSumInto(z.untyped_data(), z.element_type() == ffi::BF16, zd[0], zd[1], out->typed_data());
-  return ffi::Error::Success();
-}
-
 // ---- gated residual backward -----------------------------------------------------------------
 // y = x + gate * a (adaLN-Zero's gated branch added to the float32 residual stream; gate (B, D)
 // float32, a (B, L, D) float32 or bfloat16): for the cotangent dy (float32) da = gate * dy in a's
@@ -403,9 +387,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditAdaLnBwd, AdaLnBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("eps"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditColumnSum, ColumnSum,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MmditGatedResidualBwd, GatedResidualBackward,
                               ffi::Ffi::Bind()
