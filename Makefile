@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 is pinned: it resolves to the CPU wheel (a bare `torch` pulls a multi-GB CUDA build).
 	$(PY) -m pip install -q -e ".[test]"
+	# Reference implementations for the evaluation parity tests. --no-deps: the torchvision they
+	# depend on is a CUDA build that does not import beside the CPU torch (tests load around it).
+	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0 pytorch-fid==0.3.0
 	touch $@
 
 setup: $(VENV)/.installed packages

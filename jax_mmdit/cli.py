@@ -1,4 +1,4 @@
-"""The `mmdit` command: train, sample, profile, info, datasets.
+"""The `mmdit` command: train, sample, eval, fid-stats, train-classifier, profile, info, datasets.
 
 mmdit train --config fashion_mnist --optim.learning_rate 1e-3 --mesh.fsdp 2
 mmdit sample --run runs/fashion_mnist --class 3 --cfg 4 --steps 50 --out x.png
@@ -12,18 +12,22 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from jax_mmdit import runtime
 
-USAGE = """usage: mmdit {train,sample,profile,info,datasets} [options]
+USAGE = """usage: mmdit {train,sample,eval,fid-stats,train-classifier,profile,info,datasets} [options]
 
-  train     train a model (typed config; any field can be overridden, see `mmdit train --help`)
-  sample    draw images from a trained run (PNG grid, GIF or an .npz for evaluation)
-  profile   a few training steps: FLOPs per step, FLOP/s, MFU, memory, a jax.profiler trace
-  info      parameter count and forward GFLOPs of a model preset
-  datasets  list the named datasets
+  train             train a model (typed config; any field can be overridden, see `mmdit train --help`)
+  sample            draw images from a trained run (PNG grid, GIF or an .npz)
+  eval              sample a run and score it: classifier accuracy/FD (offline) or FID/IS/precision/recall
+  fid-stats         Inception reference statistics of a dataset, cached for FID
+  train-classifier  train a dataset's small evaluation CNN (the offline metric)
+  profile           a few training steps: FLOPs per step, FLOP/s, MFU, memory, a jax.profiler trace
+  info              parameter count and forward GFLOPs of a model preset
+  datasets          list the named datasets
 """
 
 
@@ -55,7 +59,8 @@ def cmd_train(argv: list[str], prog="mmdit train") -> int:
         return _print_profile(trainer)
     last = trainer.train()
     if last:
-        shown = {k: round(v, 5) for k, v in last.items() if k in ("train/loss", "eval/loss", "perf/img_per_s")}
+        keep = lambda k: k in ("train/loss", "perf/img_per_s") or (k.startswith("eval/") and not k.endswith("_real"))  # noqa: E731
+        shown = {k: round(v, 5) for k, v in last.items() if keep(k)}
         print(
             f"[mmdit] done at step {trainer.step}: {shown}; samples in {Path(cfg.run_dir) / 'samples'}, "
             f"TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / 'tb'}"
@@ -64,7 +69,9 @@ def cmd_train(argv: list[str], prog="mmdit train") -> int:
 
 
 def _print_profile(trainer) -> int:
-    report = trainer.profile()
+    from jax_mmdit.train.profiler import profile_training
+
+    report = profile_training(trainer)
     width = max(len(k) for k in report)
     for k, v in report.items():
         if isinstance(v, float):
@@ -104,13 +111,14 @@ def cmd_sample(argv: list[str]) -> int:
         run, step = str(ck.parent.parent), int(ck.name) if ck.name.isdigit() else None
         if step is None:
             raise UserError(f"--checkpoint must be RUN/checkpoints/STEP, got {a.checkpoint}.")
+    out = _output_path(a.out, (".png", ".gif", ".npz"))
+    if a.num is not None and a.num < 1:
+        raise UserError(f"--num must be at least 1, got {a.num}.")
     trainer = Trainer.load(run, step)
     overrides = {k: v for k, v in (("cfg_scale", a.cfg), ("num_steps", a.steps), ("method", a.method)) if v is not None}
     scfg = dataclasses.replace(trainer.cfg.sampler, **overrides)
     n_cls = trainer.model_cfg.num_classes
     labels = trainer.sample_labels(a.num or len(a.labels or ()) or n_cls or 16, a.labels)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".gif":
         x, traj = trainer.sample(labels, seed=a.seed, sampler_cfg=scfg, return_trajectory=True)
         traj_u8 = np.stack([imgs.to_uint8(t, trainer.is_latent) for t in traj])
@@ -121,7 +129,8 @@ def cmd_sample(argv: list[str]) -> int:
             chunks.append(trainer.sample(labels[i : i + a.batch], seed=a.seed + i, sampler_cfg=scfg))
         x_u8 = imgs.to_uint8(np.concatenate(chunks), trainer.is_latent)
         if out.suffix == ".npz":
-            np.savez_compressed(out, images=x_u8, labels=labels.astype(np.int32))
+            with imgs.atomic_path(out) as tmp:
+                np.savez_compressed(tmp, images=x_u8, labels=labels.astype(np.int32))
         else:
             imgs.save_grid_png(out, x_u8, ncols=min(len(labels), 10), scale=2, captions=trainer.captions(labels))
     print(
@@ -129,6 +138,23 @@ def cmd_sample(argv: list[str]) -> int:
         f"{scfg.num_steps} {scfg.method} steps) to {out}"
     )
     return 0
+
+
+def _output_path(path: str, suffixes: tuple[str, ...]) -> Path:
+    """`path` checked before any work: a known suffix, and a directory we can write into."""
+    from jax_mmdit.errors import UserError
+
+    out = Path(path)
+    if out.suffix not in suffixes:
+        raise UserError(f"--out {path!r} must end in {', '.join(suffixes)} (that picks what is written).")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"Cannot write --out {path!r}: {e.strerror} ({e.filename or out.parent}).") from None
+    return out
 
 
 def cmd_info(argv: list[str]) -> int:
@@ -173,9 +199,21 @@ def cmd_datasets(argv: list[str]) -> int:
     return 0
 
 
+def _eval_command(name: str):
+    def run(argv: list[str]) -> int:
+        from jax_mmdit.eval import commands
+
+        return getattr(commands, name)(argv)
+
+    return run
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
+    "eval": _eval_command("cmd_eval"),
+    "fid-stats": _eval_command("cmd_fid_stats"),
+    "train-classifier": _eval_command("cmd_train_classifier"),
     "profile": cmd_profile,
     "info": cmd_info,
     "datasets": cmd_datasets,
@@ -187,8 +225,25 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    runtime.configure()
-    return run_guarded(COMMANDS[argv[0]], argv[1:])
+    if not os.environ.get("MMDIT_DEBUG"):
+        # Ctrl-C while starting up (nothing is saved yet) ends the process at once and quietly: a
+        # KeyboardInterrupt raised inside an import or a library callback prints tracebacks. The
+        # training loop installs its own handler, which saves first (train/rundir.py).
+        signal.signal(signal.SIGINT, _interrupted)
+    try:
+        runtime.configure()
+        return run_guarded(COMMANDS[argv[0]], argv[1:])
+    except KeyboardInterrupt:  # a second Ctrl-C in the training loop: abort without saving
+        if os.environ.get("MMDIT_DEBUG"):
+            raise
+        _interrupted()
+
+
+def _interrupted(*_) -> None:
+    print("\nmmdit: interrupted", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def run_guarded(fn, argv) -> int:

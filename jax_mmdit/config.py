@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 from jax_mmdit.data.config import DataConfig
 from jax_mmdit.errors import UserError
+from jax_mmdit.eval.config import ClassifierEvalConfig, EvalConfig
 from jax_mmdit.flow.config import FlowConfig, SamplerConfig
 from jax_mmdit.models.config import ModelConfig
 from jax_mmdit.ops import Kernels
@@ -78,6 +79,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     run_dir: str = "runs/default"  # checkpoints, TensorBoard events, samples; resumes if present
     seed: int = 0
@@ -91,13 +93,16 @@ class TrainConfig:
     # where the kernels build, else xla. Same maths either way; it changes speed, not results.
     kernels: Kernels = "auto"
     log_every: int = 50  # steps between host syncs for metrics (the only sync in the loop)
-    eval_save_steps: int = 500  # steps between eval loss + checkpoint
-    n_eval_batches: int = 10  # eval-split batches per evaluation
+    eval_save_steps: int = 500  # steps between evaluation (see eval.*) + checkpoint
+    n_eval_batches: int = 10  # eval-split batches of the "loss" evaluator
     sample_every_n: int = 500  # steps between sample grids/GIFs (0: only at the end)
     num_sample_images: int = 16  # one per class, capped here
     keep_checkpoints: int = 3
     profile: bool = False  # run a few steps, print FLOPs/MFU/memory, write a trace, exit
     profile_steps: int = 5
+    # Resuming checks the requested config against the saved one: fields outside RESUMABLE_CHANGES
+    # must match. Name fields here to change them on purpose (e.g. --allow_config_change seed).
+    allow_config_change: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -119,7 +124,7 @@ class TrainConfig:
             raise UserError(f"n_epochs must be > 0, got {self.n_epochs}.")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UserError(f"max_steps must be > 0, got {self.max_steps}.")
-        for name in ("log_every", "eval_save_steps"):
+        for name in ("log_every", "eval_save_steps", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)}.")
 
@@ -142,23 +147,65 @@ class TrainConfig:
         return _dataclass_from_dict(cls, d, "")
 
 
-# Nested configs of TrainConfig, by field name.
-_SUB_CONFIGS = {
-    "model": ModelConfig,
-    "flow": FlowConfig,
-    "sampler": SamplerConfig,
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "mesh": MeshConfig,
-}
+# Fields a resumed run may change freely: how long, how fast and where it runs, how it logs,
+# evaluates, samples and saves, and the optimizer's schedule. Everything else (the model, the
+# data, the objective, the seed, the batch) must match the run being resumed, unless named in
+# --allow_config_change. A trailing ".*" covers a whole sub-config.
+RESUMABLE_CHANGES = (
+    "run_dir", "n_epochs", "max_steps", "precision", "kernels", "grad_accum_steps", "log_every",
+    "eval_save_steps", "n_eval_batches", "sample_every_n", "num_sample_images", "keep_checkpoints",
+    "profile", "profile_steps", "allow_config_change", "mesh.*", "sampler.*", "eval.*", "model.attention",
+    "model.remat", "data.num_workers", "data.strict", "flow.num_loss_bins", "optim.learning_rate", "optim.warmup_steps",
+    "optim.schedule", "optim.min_lr_ratio", "optim.weight_decay", "optim.b1", "optim.b2", "optim.eps",
+    "optim.grad_clip", "optim.ema_decay", "optim.ema_warmup",
+)  # fmt: skip
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _may_change(name: str, allowed: tuple[str, ...]) -> bool:
+    return any(name == a or (a.endswith(".*") and name.startswith(a[:-1])) for a in (*RESUMABLE_CHANGES, *allowed))
+
+
+def config_differences(saved: dict[str, Any], requested: TrainConfig) -> list[str]:
+    """The fields where `requested` departs from a saved run's config (`saved`, as `to_dict`)
+    without being allowed to, each as "name: saved -> requested". Fields the saved config lacks
+    (added since) are not compared."""
+    old, new = _flatten(saved), _flatten(json.loads(requested.to_json()))
+    allowed = requested.allow_config_change
+    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old) if k in new and old[k] != new[k]
+             and not _may_change(k, allowed)]  # fmt: skip
+    # Gradient clipping on or off changes the optimizer state's structure: no resume can bridge it.
+    clip_old, clip_new = old.get("optim.grad_clip"), new["optim.grad_clip"]
+    if clip_old is not None and (clip_old > 0) != (clip_new > 0):
+        diffs.append(f"optim.grad_clip: {clip_old!r} -> {clip_new!r} (clipping on/off changes the optimizer state)")
+    return diffs
+
+
+def _sub_config(cls, name: str):
+    """The dataclass type of field `name` of `cls` when it is a nested config, else None."""
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None or f.default_factory is dataclasses.MISSING:
+        return None
+    default = f.default_factory()
+    return type(default) if dataclasses.is_dataclass(default) else None
 
 
 def _unknown_fields(cls, d: dict[str, Any], prefix: str = "") -> list[str]:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [prefix + k for k in d if k not in names]
-    for k, sub in _SUB_CONFIGS.items():
-        if cls is TrainConfig and isinstance(d.get(k), dict):
-            unknown += _unknown_fields(sub, d[k], f"{k}.")
+    for k, v in d.items():
+        sub = _sub_config(cls, k) if k in names else None
+        if sub is not None and isinstance(v, dict):
+            unknown += _unknown_fields(sub, v, f"{prefix}{k}.")
     return sorted(unknown)
 
 
@@ -171,8 +218,9 @@ def _dataclass_from_dict(cls, d: dict[str, Any], prefix: str):
         )
     kwargs = {}
     for k, v in d.items():
-        if cls is TrainConfig and k in _SUB_CONFIGS:
-            kwargs[k] = _dataclass_from_dict(_SUB_CONFIGS[k], v, f"{k}.")
+        sub = _sub_config(cls, k)
+        if sub is not None and isinstance(v, dict):
+            kwargs[k] = _dataclass_from_dict(sub, v, f"{prefix}{k}.")
         else:  # JSON turns tuples into lists; frozen configs expect tuples for hashability.
             kwargs[k] = tuple(v) if isinstance(v, list) else v
     return cls(**kwargs)
@@ -197,6 +245,9 @@ def _fashion_mnist() -> TrainConfig:
         data=DataConfig(name="fashion_mnist"),
         sampler=SamplerConfig(num_steps=32, cfg_scale=2.0),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100, ema_decay=0.999),
+        # Sample quality offline: class accuracy and FD in a small CNN's features (docs/evaluation.md),
+        # once per epoch (468 steps) and at the end: 1000 samples cost about 150 training steps.
+        eval=EvalConfig(evaluators=("loss", "classifier"), classifier=ClassifierEvalConfig(every=468)),
         run_dir="runs/fashion_mnist",
         batch_size=128,
         n_epochs=1.0,
@@ -233,9 +284,10 @@ def _tiny() -> TrainConfig:
     )
 
 
-def _for_dataset(name: str, **model_kw) -> TrainConfig:
+def _for_dataset(name: str, eval_every: int = 0, **model_kw) -> TrainConfig:
     """The default recipe moved to another registered dataset: image size, channels and classes
-    come from the dataset's spec, the model from `model_kw`."""
+    come from the dataset's spec, the model from `model_kw`; the classifier evaluator runs every
+    `eval_every` steps (0: every eval_save_steps)."""
     from jax_mmdit.data.registry import get_spec
 
     spec = get_spec(name)
@@ -249,7 +301,16 @@ def _for_dataset(name: str, **model_kw) -> TrainConfig:
     )
     # Unconditional datasets have nothing to guide with.
     sampler = base.sampler if spec.num_classes else dataclasses.replace(base.sampler, cfg_scale=1.0)
-    return dataclasses.replace(base, model=model, data=DataConfig(name=name), sampler=sampler, run_dir=f"runs/{name}")
+    # The classifier evaluator needs labelled pixel images.
+    evaluators = ("loss", "classifier") if spec.num_classes and not spec.is_latent else ("loss",)
+    return dataclasses.replace(
+        base,
+        model=model,
+        data=DataConfig(name=name),
+        sampler=sampler,
+        eval=EvalConfig(evaluators=evaluators, classifier=ClassifierEvalConfig(every=eval_every)),
+        run_dir=f"runs/{name}",
+    )
 
 
 def _imagenet_latents() -> TrainConfig:
@@ -272,8 +333,8 @@ def _imagenet_latents() -> TrainConfig:
 PRESETS = {
     "fashion_mnist": _fashion_mnist,
     "tiny": _tiny,
-    "mnist": lambda: _for_dataset("mnist"),
-    "cifar10": lambda: _for_dataset("cifar10", hidden_size=256, depth=8, num_heads=4, patch_size=2),
+    "mnist": lambda: _for_dataset("mnist", eval_every=468),  # once per epoch of 60000 / 128
+    "cifar10": lambda: _for_dataset("cifar10", eval_every=390, hidden_size=256, depth=8, num_heads=4, patch_size=2),
     "flowers": lambda: _for_dataset("flowers", hidden_size=256, depth=8, num_heads=4, patch_size=4),
     "butterflies": lambda: _for_dataset("butterflies", hidden_size=256, depth=8, num_heads=4, patch_size=4),
     "imagenet": _imagenet_latents,

@@ -99,10 +99,17 @@ def configure() -> None:
 
         # Read when the CPU client is created: after JAX has started it is too late (and harmless).
         jax.config.update("jax_cpu_enable_async_dispatch", False)
-    # Orbax/absl warn at WARNING level about routine things (read-only managers, async saves).
+    # Orbax/absl warn at WARNING level about routine things (read-only managers, async saves), and
+    # log a failed save or restore with its traceback from a background thread before the error
+    # reaches us (which then reports it in one line): only MMDIT_DEBUG shows those.
+    debug = bool(os.environ.get("MMDIT_DEBUG"))
     try:
         from absl import logging as absl_logging
 
-        absl_logging.set_verbosity(absl_logging.ERROR)
+        absl_logging.set_verbosity(absl_logging.ERROR if debug else absl_logging.FATAL)
     except ImportError:
         pass
+    if not debug:
+        import logging
+
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)

@@ -140,6 +140,8 @@ def test_original_train_py_flags(tmp_path):
             "64",
             "--sampler.num_steps",
             "2",
+            "--eval.evaluators",
+            "loss",
         ],
         capture_output=True,
         text=True,
@@ -194,51 +196,6 @@ def test_info_prints_dit_paper_parameter_count_and_flops_on_each_backend(kernels
     assert float(fields["gmacs_per_image"]) == pytest.approx(118.6, rel=0.01)  # the DiT paper's Gflops
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
-    import signal
-    import time
-
-    run = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jax_mmdit.cli",
-            "train",
-            "--config",
-            "tiny",
-            "--run_dir",
-            str(run),
-            "--max_steps",
-            "100000",
-            "--eval_save_steps",
-            "100000",
-            "--sample_every_n",
-            "0",
-            "--log_every",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    deadline = time.time() + 300
-    while not (run / "tb").exists() or not list((run / "tb").glob("events*")):
-        assert time.time() < deadline and p.poll() is None, "training did not start"
-        time.sleep(0.5)
-    time.sleep(3)  # let it run some steps
-    p.send_signal(signal.SIGTERM)
-    out = p.communicate(timeout=300)[0]
-    assert p.returncode == 0, out[-3000:]
-    assert "stop requested" in out
-    steps = [int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit()]
-    assert len(steps) == 1 and 0 < steps[0] < 100000
-
-
 def test_profile_reports_flops_memory_and_writes_trace(tmp_path):
     r = mmdit("profile", "--config", "tiny", "--run_dir", str(tmp_path / "p"), "--profile_steps", "2")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -248,25 +205,6 @@ def test_profile_reports_flops_memory_and_writes_trace(tmp_path):
     assert fields["mfu"].strip() == "n/a"  # no peak FLOP/s is known for CPUs: omitted, no crash
     assert float(fields["mem/temp_size_in_bytes"]) > 0
     assert list((tmp_path / "p" / "profile").rglob("*.xplane.pb"))
-
-
-def test_corrupt_checkpoint_is_one_clear_error(trained_run, tmp_path):
-    import shutil
-
-    run, _ = trained_run
-    broken = tmp_path / "broken"
-    shutil.copytree(run, broken)
-    latest = max(int(d.name) for d in (broken / "checkpoints").iterdir() if d.name.isdigit())
-    for f in (broken / "checkpoints" / str(latest) / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 0 and "manifest" in f.name:
-            f.write_bytes(b"garbage")
-    r = mmdit("sample", "--run", str(broken), "--num", "2", "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 1
-    errors = [line for line in r.stderr.splitlines() if line.startswith("mmdit: error:")]
-    assert len(errors) == 1 and f"step {latest}" in errors[0]
-    # Known wart: TensorStore callbacks may print "Event loop is closed" tracebacks from Orbax's
-    # closed loop; none may come through our code.
-    assert "jax_mmdit" not in r.stderr.replace(str(broken), "")
 
 
 def test_unreachable_hub_names_local_alternatives(tmp_path):

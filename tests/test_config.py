@@ -83,7 +83,9 @@ def test_sample_grids_carry_the_class_names_under_the_images(tmp_path):
 
     x = np.full((4, 28, 28, 1), 128, np.uint8)
     plain = imgs.save_grid_png(tmp_path / "plain.png", x, ncols=4, scale=2)
-    named = imgs.save_grid_png(tmp_path / "named.png", x, ncols=4, scale=2, captions=["T-shirt", "Bag", "Coat", "Dress"])
+    named = imgs.save_grid_png(
+        tmp_path / "named.png", x, ncols=4, scale=2, captions=["T-shirt", "Bag", "Coat", "Dress"]
+    )
     assert named.shape[1] == plain.shape[1] and named.shape[0] > plain.shape[0]
     strip = named[plain.shape[0] :]
     assert (strip < 64).any() and (strip == 255).mean() > 0.5  # dark text on white

@@ -151,7 +151,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoint(tmp_path):
     tr = Trainer(cfg)
     with pytest.raises(NonFiniteLossError, match=r"at step \d+") as e:
         tr.train()
-    ckpts = tr.checkpointer.all_steps()
+    ckpts = tr.checkpointer.steps()
     assert ckpts, "the last good checkpoint must be kept"
     bad = int(str(e.value).split("at step ")[1].split()[0])
     assert max(ckpts) < bad

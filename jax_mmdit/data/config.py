@@ -28,6 +28,8 @@ class DataConfig:
     max_examples: int | None = None
     # Worker processes that prepare batches; 0 = in the training process (best on 2 cores).
     num_workers: int = 0
+    # An image that cannot be decoded is skipped with a warning naming it; strict makes it an error.
+    strict: bool = False
 
     def __post_init__(self) -> None:
         spec = get_spec(self.name)  # raises for unknown names, listing the valid ones

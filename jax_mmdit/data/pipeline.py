@@ -18,6 +18,8 @@ re-slices the pipeline at that step: no grain internals, any worker count, any p
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -155,6 +157,27 @@ class ImageDataset:
         self.latent_scale = latent_scale
         self.num_workers = num_workers
 
+    def fingerprint(self, samples: int = 32) -> dict[str, Any]:
+        """What identifies this data: its name, size, shape and a hash of `samples` evenly spaced
+        examples (images and labels). Saved with every checkpoint; a resume on other data is refused."""
+        n = self.info.num_examples
+        images, labels = self.records.read(np.unique(np.linspace(0, n - 1, min(samples, n)).astype(np.int64)))
+        digest = hashlib.sha256(np.ascontiguousarray(images).tobytes() + np.asarray(labels, np.int64).tobytes())
+        return {"name": self.info.name, "num_examples": n, "image_shape": list(self.info.image_shape),
+                "sample_sha256": digest.hexdigest()[:16]}  # fmt: skip
+
+    def images(self, limit: int | None = None, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """All examples as arrays (uint8 NHWC for pixels, float for latents; int32 labels), or
+        `limit` of them: the first ones, or a seeded random subset when `seed` is given."""
+        n = self.info.num_examples
+        indices = np.arange(n)
+        if limit is not None and limit < n:
+            indices = (
+                np.sort(np.random.default_rng(seed).permutation(n)[:limit]) if seed is not None else indices[:limit]
+            )
+        chunks = [self.records.read(indices[i : i + 4096]) for i in range(0, len(indices), 4096)]
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]).astype(np.int32)
+
     def steps_per_epoch(self, global_batch_size: int) -> int:
         """Full global batches per epoch (the last partial batch is dropped)."""
         if global_batch_size <= 0:
@@ -229,8 +252,17 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "eval"]) -> ImageData
         records = records.select(train_indices if split == "train" else eval_indices)
     if split == "train" and cfg.max_examples is not None:
         records = records.select(np.arange(min(cfg.max_examples, len(records))))
-    if spec.in_memory and isinstance(records, HFRecords):
-        records = records.decode_all()
+    if isinstance(records, HFRecords):  # every image decoded once here, before any training step
+        records, unreadable = records.decode_all() if spec.in_memory else records.readable()
+        if unreadable:
+            listed = "; ".join(unreadable[:3]) + (f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+            where = f"the {split} split of {cfg.source or spec.name!r}"
+            if cfg.strict:
+                raise UserError(f"{len(unreadable)} image(s) of {where} cannot be decoded: {listed}.")
+            print(f"[mmdit] warning: skipped {len(unreadable)} unreadable image(s) of {where}: {listed} "
+                  "(--data.strict makes this an error).", file=sys.stderr, flush=True)  # fmt: skip
+        if len(records) == 0:
+            raise UserError(f"No image of the {split} split of {cfg.source or spec.name!r} can be decoded.")
     info = DatasetInfo(
         name=spec.name,
         num_examples=len(records),

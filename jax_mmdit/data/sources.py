@@ -12,6 +12,8 @@ import glob
 import gzip
 import io
 import os
+import socket
+import zipfile
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -80,13 +82,43 @@ class HFRecords:
         images = np.stack([fit_image(_open(value), self.image_size, self.channels) for value in encoded])
         return images, self.labels[indices]
 
-    def decode_all(self, chunk: int = 1024) -> ArrayRecords:
-        """Decode every image once (small datasets): batches then need no Pillow at all."""
+    def decode_all(self, chunk: int = 1024) -> tuple[ArrayRecords, list[str]]:
+        """Decode every image once (small datasets): batches then need no Pillow at all. Returns the
+        decodable ones and the names of those that are not (skipped)."""
         images = np.empty((len(self), self.image_size, self.image_size, self.channels), np.uint8)
+        good, bad = np.ones(len(self), bool), []
         for start, rows in zip(range(0, len(self), chunk), self.dataset.iter(batch_size=chunk)):
             for i, value in enumerate(rows[self.image_column]):
-                images[start + i] = fit_image(_open(value), self.image_size, self.channels)
-        return ArrayRecords(images, self.labels)
+                try:
+                    images[start + i] = fit_image(_open(value), self.image_size, self.channels)
+                except IMAGE_ERRORS as e:
+                    good[start + i] = False
+                    bad.append(f"{_name(value, start + i)} ({_reason(e)})")
+        return ArrayRecords(images[good], self.labels[good]), bad
+
+    def readable(self, chunk: int = 1024) -> tuple[HFRecords, list[str]]:
+        """The records whose image decodes (checked once, at start-up) and the names of the others."""
+        good, bad = [], []
+        for start, rows in zip(range(0, len(self), chunk), self.dataset.iter(batch_size=chunk)):
+            for i, value in enumerate(rows[self.image_column]):
+                try:
+                    fit_image(_open(value), self.image_size, self.channels)
+                    good.append(start + i)
+                except IMAGE_ERRORS as e:
+                    bad.append(f"{_name(value, start + i)} ({_reason(e)})")
+        return (self if not bad else self.select(np.asarray(good, np.int64))), bad
+
+
+# What Pillow raises for a file that is not an image, or a truncated or corrupt one.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _name(value: dict, index: int) -> str:
+    return value.get("path") or f"record {index}"
+
+
+def _reason(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:120]
 
 
 Records = ArrayRecords | HFRecords
@@ -128,8 +160,17 @@ def detect_source(source: str) -> SourceKind:
         return "imagefolder"
     if glob.glob(path):  # a glob of parquet files
         return "parquet"
-    if source.startswith(("/", ".", "~")) or source.endswith((".npz", ".parquet")):
-        raise UserError(f"Data source path {source!r} does not exist.")
+    # A hub id is "name" or "owner/name"; anything else, or a relative path whose first directory
+    # exists here, is a path that does not exist.
+    first = source.split("/")[0]
+    if (
+        source.startswith(("/", ".", "~"))
+        or source.endswith((".npz", ".parquet"))
+        or source.count("/") > 1
+        or "\\" in source
+        or ("/" in source and os.path.isdir(first))
+    ):
+        raise UserError(f"Data source path {source!r} does not exist (relative to {os.getcwd()}).")
     return "hub"
 
 
@@ -181,8 +222,25 @@ def _unavailable_message(spec: DatasetSpec, why: str) -> str:
     )
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, found in well under a second (the datasets
+    library retries for ~25 s); None when it may be (online, behind a proxy, or offline mode set)."""
+    if datasets.config.HF_DATASETS_OFFLINE or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy")):
+        return None
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        return f"{host} is unreachable ({e})"
+    return None
+
+
 def _load_hub(spec: DatasetSpec, hub_id: str) -> datasets.DatasetDict:
     # With HF_DATASETS_OFFLINE=1 this fails in under a second instead of retrying for ~24 s.
+    unreachable = _hub_unreachable()
+    if unreachable is not None:
+        why = f"{hub_id!r} is not a local path, and as a hub id it cannot be loaded: {unreachable}"
+        raise DatasetUnavailableError(_unavailable_message(spec, why))
     try:
         return datasets.load_dataset(hub_id)
     except OSError as e:  # ConnectionError, LocalEntryNotFoundError, DatasetNotFoundError
@@ -255,6 +313,13 @@ def _conform(
     if spec.is_latent:
         if images.shape[1:] != target:
             raise UserError(f"Latents of {spec.name!r} must be NHWC {target}, got {images.shape[1:]}.")
+        finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise UserError(
+                f"{len(bad)} of the {len(images)} latents in {source!r} hold NaN or inf (the first: index "
+                f"{', '.join(map(str, bad[:5]))}); re-encode them, or drop those rows."
+            )
         return ArrayRecords(images, labels)
     if images.dtype != np.uint8:
         raise UserError(f"Image arrays must be uint8 in [0, 255], got {images.dtype}.")
@@ -267,11 +332,19 @@ def _conform(
 
 
 def _read_npz(spec: DatasetSpec, path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    with np.load(path) as npz:
-        key = next((k for k in ("latents", "images") if k in npz.files), None)
-        if key is None:
-            raise UserError(f"{path} needs an array named 'images' or 'latents'; it has {', '.join(npz.files)}.")
-        return npz[key], npz["labels"] if "labels" in npz.files else None
+    try:
+        npz = np.load(path)
+        if isinstance(npz, np.ndarray):  # np.save's format under an .npz name
+            raise UserError(f"{path} is a single .npy array, not an .npz archive (write it with np.savez).")
+        with npz:
+            key = next((k for k in ("latents", "images") if k in npz.files), None)
+            if key is None:
+                raise UserError(f"{path} needs an array named 'images' or 'latents'; it has {', '.join(npz.files)}.")
+            return npz[key], npz["labels"] if "labels" in npz.files else None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{path} is not a readable .npz archive (truncated or corrupt?): {_reason(e)}") from None
 
 
 def _read_idx(path: str) -> np.ndarray:

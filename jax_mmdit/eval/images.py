@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
@@ -39,11 +41,25 @@ def _squeeze_gray(img: np.ndarray) -> np.ndarray:
     return img[..., 0] if img.shape[-1] == 1 else img
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yields a temporary name next to `path` (same suffix) and renames it to `path` once written:
+    a file is there whole or not at all, never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_png(path: str | os.PathLike, image_HxWxC: np.ndarray, scale: int = 1) -> None:
     img = Image.fromarray(_squeeze_gray(image_HxWxC))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp)
 
 
 def save_grid_png(path, images_BxHxWxC_uint8, ncols=None, scale=1, captions=None) -> np.ndarray:
@@ -109,4 +125,5 @@ def save_trajectory_gif(
     if scale > 1:
         frames = [np.kron(f, np.ones((scale, scale, 1), np.uint8)) for f in frames]
     frames = [_squeeze_gray(f) for f in frames]
-    imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+    with atomic_path(path) as tmp:
+        imageio.mimsave(tmp, frames, duration=1000 / fps, loop=0)

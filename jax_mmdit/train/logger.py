@@ -21,7 +21,7 @@ class MetricLogger:
         if self.writer is None:
             return
         for k, v in values.items():
-            if v is not None and np.isfinite(v):
+            if v is not None:  # NaN and inf too: a NaN eval loss must show, not vanish
                 self.writer.add_scalar(k, float(v), step)
 
     def image(self, step: int, tag: str, image_HxWxC_uint8: np.ndarray) -> None:

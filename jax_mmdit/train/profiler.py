@@ -1,9 +1,14 @@
-"""Model FLOPs utilisation (MFU) and device memory. (FLOPs of a compiled step come from the
-backend's hook, `Ops.flops`.)"""
+"""Model FLOPs utilisation (MFU), device memory, and `profile_training` (`mmdit profile`). FLOPs of
+a compiled step come from the backend's hook, `Ops.flops`."""
 
 from __future__ import annotations
 
+import time
+
 import jax
+import numpy as np
+
+from jax_mmdit.train import mesh as mesh_lib
 
 # Dense peak FLOP/s per chip (no sparsity), by compute dtype. Sources: vendor datasheets.
 PEAK_FLOPS = {
@@ -55,3 +60,39 @@ def compiled_memory(compiled) -> dict[str, float]:
         return {}
     keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
     return {k: float(getattr(m, k)) for k in keys if hasattr(m, k)}
+
+
+def profile_training(trainer, num_steps: int | None = None) -> dict[str, float]:
+    """Compile `trainer`'s step, time a few steps under jax.profiler (the trace goes to
+    <run_dir>/profile), report FLOPs, FLOP/s, MFU and memory."""
+    n = num_steps or trainer.cfg.profile_steps
+    it = trainer.train_iterator()
+    batch = mesh_lib.global_batch_from_local(next(it), trainer.mesh)
+    compiled = trainer.compile_step(batch)
+    trainer.state, m = compiled(trainer.state, batch, trainer.rng)
+    jax.block_until_ready(m["loss"])
+    trace_dir = trainer.run_dir / "profile"
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    times = []
+    with jax.profiler.trace(str(trace_dir)):
+        for _ in range(n):
+            batch = mesh_lib.global_batch_from_local(next(it), trainer.mesh)
+            t0 = time.perf_counter()
+            trainer.state, m = compiled(trainer.state, batch, trainer.rng)
+            jax.block_until_ready(m["loss"])
+            times.append(time.perf_counter() - t0)
+    step_time = float(np.median(times))
+    dev = jax.devices()[0]
+    peak = device_peak_flops(dev, trainer.model_cfg.dtype)
+    report = {
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{trainer.mesh.size}",
+        "step_time_s": step_time,
+        "img_per_s": trainer.cfg.batch_size / step_time,
+        "flops_per_step_per_device": trainer.flops_per_step,
+        "achieved_tflops_per_device": (trainer.flops_per_step / step_time / 1e12) if trainer.flops_per_step else None,
+        "mfu": mfu(trainer.flops_per_step, step_time, trainer.mesh.size, peak),
+        **{f"mem/{k}": v for k, v in compiled_memory(compiled).items()},
+        **{f"mem/device_{k}": v for k, v in memory_stats(dev).items()},
+        "trace_dir": str(trace_dir),
+    }
+    return report

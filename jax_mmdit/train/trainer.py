@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -18,20 +17,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jax_mmdit import ops as ops_lib
 from jax_mmdit.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, load_config_dict
-from jax_mmdit.config import TrainConfig
+from jax_mmdit.config import MeshConfig, TrainConfig, config_differences
 from jax_mmdit.data.registry import get_spec
 from jax_mmdit.errors import UserError
 from jax_mmdit.eval import images as imgs
+from jax_mmdit.eval.evaluators import build_evaluators
 from jax_mmdit.flow import make_loss_fn
 from jax_mmdit.flow import sample as flow_sample
 from jax_mmdit.models import count_params, create_model
 from jax_mmdit.train import mesh as mesh_lib
 from jax_mmdit.train import profiler
 from jax_mmdit.train.logger import MetricLogger, summarize_window
+from jax_mmdit.train.rundir import RunLock, StopSignals, make_dirs, write_atomically
 from jax_mmdit.train.step import (
     init_train_state,
     make_eval_step,
@@ -42,14 +44,28 @@ from jax_mmdit.train.step import (
 )
 
 
+def _describe(fingerprint: dict) -> str:
+    f = fingerprint
+    return f"{f.get('name')}, {f.get('num_examples')} examples, sample hash {f.get('sample_sha256')}"
+
+
+def _shown(key: str, value: float, scores: dict) -> str:
+    """'class_accuracy 0.812 (real 0.914)': a score with its real-data floor where there is one."""
+    name = key.split("/", 1)[-1]
+    real = scores.get(key + "_real")
+    return f"{name} {value:.4g}" + (f" (real {real:.4g})" if real is not None else "")
+
+
 class NonFiniteLossError(UserError):
     """Training produced a NaN/inf loss; the message names the step and the last good checkpoint."""
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, devices=None, with_data: bool = True):
+    def __init__(self, cfg: TrainConfig, *, devices=None, with_data: bool = True, distributed: bool = True):
+        """`distributed=False` never starts jax.distributed (sampling, evaluation: this host only)."""
         self.cfg = cfg
-        mesh_lib.maybe_initialize_distributed(cfg.mesh)
+        if distributed:
+            mesh_lib.maybe_initialize_distributed(cfg.mesh)
         self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
         mesh_lib.check_batch_divisible(cfg.batch_size, self.mesh, cfg.grad_accum_steps)
         self.run_dir = Path(cfg.run_dir)
@@ -66,7 +82,16 @@ class Trainer:
             self.train_data = build_dataset(cfg.data, split="train")
             self._check_data_matches_model(self.train_data.info)
             self.eval_data = build_dataset(cfg.data, split="eval")
+            wants_loss = "loss" in cfg.eval.evaluators and cfg.n_eval_batches > 0
+            if wants_loss and self.eval_data.info.num_examples < cfg.batch_size:
+                raise UserError(
+                    f"The eval split of {self.eval_data.info.name!r} has {self.eval_data.info.num_examples} "
+                    f"examples, fewer than one batch of {cfg.batch_size}: use a smaller --batch_size, "
+                    "--n_eval_batches 0, or a larger --data.eval_fraction."
+                )
         self.is_latent = bool(self.train_data.info.is_latent) if self.train_data else False
+        # What identifies the training data; saved with every checkpoint, compared on resume.
+        self.data_fingerprint = self.train_data.fingerprint() if self.train_data else None
 
         # --- model and state (created directly in their final shardings) ---------------------
         mcfg, seed, model_ops = self.model_cfg, cfg.seed, self.ops
@@ -136,6 +161,7 @@ class Trainer:
         self.data_iter = None
         self._stop_requested = False
         self.history: list[dict] = []
+        self.evaluators: list | None = None  # built when training starts (`build_evaluators`)
 
     # ------------------------------------------------------------------------------------------
     def _check_data_matches_model(self, info) -> None:
@@ -165,7 +191,8 @@ class Trainer:
     def _local_batch_size(self) -> int:
         return self.cfg.batch_size // jax.process_count()
 
-    def _make_train_iterator(self):
+    def train_iterator(self):
+        """This process's batches of the training data, from the start (set_state moves it)."""
         return self.train_data.iterator(
             self.cfg.batch_size,
             seed=self.cfg.seed,
@@ -180,15 +207,34 @@ class Trainer:
             self.checkpointer = Checkpointer(self.run_dir, keep=self.cfg.keep_checkpoints)
         return self.checkpointer
 
-    def restore(self, step: int | None = None, data_iterator=None) -> int | None:
-        """Load the latest (or given) checkpoint of `run_dir` onto this trainer's mesh."""
+    def restore(self, step: int | None = None, data_iterator=None, check_resume: bool = False) -> int | None:
+        """Load the newest usable (or the given) checkpoint of `run_dir` onto this trainer's mesh;
+        returns its step, or None when the run has none. With `check_resume`, the saved config and
+        data must match this trainer's (`config_differences`, the data's fingerprint)."""
         ckpt = self._ensure_checkpointer()
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            return None
         target = abstract_with_shardings(self.abstract_state, self.state_sharding)
-        self.state = ckpt.restore(step, target, data_iterator=data_iterator)
+        found = ckpt.restore(target, data_iterator, step, check=self._check_resume if check_resume else None)
+        if found is None:
+            return None
+        step, self.state = found
         return step
+
+    def _check_resume(self, step: int, items: dict) -> None:
+        """Refuse to resume a run whose saved config or data differ from what was asked for."""
+        where = f"{self.run_dir} (checkpoint step {step})"
+        diffs = config_differences(items["config"], self.cfg) if "config" in items else []
+        if diffs:
+            raise UserError(
+                f"Cannot resume {where}: the requested config differs from the run's in {'; '.join(diffs)}. "
+                "Resume with the run's values, use a new --run_dir, or name the fields in --allow_config_change."
+            )
+        saved = items.get("meta", {}).get("data")
+        if saved is not None and "data" not in self.cfg.allow_config_change and saved != self.data_fingerprint:
+            raise UserError(
+                f"Cannot resume {where}: it was trained on other data ({_describe(saved)}; now "
+                f"{_describe(self.data_fingerprint)}). Point --data.source at the run's data, use a new --run_dir, "
+                "or pass --allow_config_change data."
+            )
 
     def train_step(self, local_batch: dict) -> dict:
         """One optimizer step on this process's share of a global batch; returns device metrics
@@ -213,38 +259,53 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def train(self, until_step: int | None = None) -> dict[str, float]:
         """Train to `total_steps` (or stop, checkpointed, at `until_step`), resuming from the run
-        directory's latest checkpoint. Returns the last logged metrics; all logged rows are
-        kept in `self.history`."""
-        cfg = self.cfg
+        directory's newest usable checkpoint. SIGTERM/SIGINT stop after the current step, which is
+        saved first. Returns the last logged metrics; all logged rows are kept in `self.history`."""
         if self.train_data is None:
             raise ValueError("This Trainer was built with with_data=False; it can sample, not train.")
+        # The lock first: the checkpointer's start-up cleans temporary directories, which would be
+        # another run's in-flight saves.
+        with RunLock(self.run_dir, jax.process_index()), StopSignals() as stop:
+            ckpt = self._ensure_checkpointer()
+            self.data_iter = self.train_iterator()
+            resumed = self.restore(data_iterator=self.data_iter, check_resume=True)
+            if self.evaluators is None:
+                self.evaluators = build_evaluators(self.cfg.eval, self.cfg, self)
+            completed = False
+            try:
+                last = self._loop(ckpt, stop, resumed, until_step)
+                completed = True
+            finally:
+                if not completed:  # an error or an abort: still make an earlier, good save durable
+                    try:
+                        ckpt.finish()
+                    except Exception:  # noqa: BLE001 - the original exception is the one to report
+                        pass
+        return last
+
+    def _loop(self, ckpt: Checkpointer, stop: StopSignals, resumed: int | None, until_step: int | None) -> dict:
+        cfg = self.cfg
         main = jax.process_index() == 0
-        self._stop_requested = False
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = self._ensure_checkpointer()
-        self.data_iter = self._make_train_iterator()
-        resumed = self.restore(data_iterator=self.data_iter)
         start = self.step
+        samples_dir = self.run_dir / "samples"
         if main:
-            (self.run_dir / "config.json").write_text(cfg.to_json())
+            write_atomically(self.run_dir / "config.json", cfg.to_json())
+            make_dirs(samples_dir, self.run_dir / "tb")
             msg = f"resumed from step {resumed}" if resumed is not None else "starting fresh"
             print(
                 f"[mmdit] {self.num_params / 1e6:.2f}M params, mesh {dict(self.mesh.shape)}, "
                 f"{jax.process_count()} process(es), {self.total_steps} steps, {msg} in {self.run_dir}"
             )
         logger = MetricLogger(self.run_dir / "tb")
-        samples_dir = self.run_dir / "samples"
-        if main:
-            samples_dir.mkdir(exist_ok=True)
-        old_handlers = self._install_signal_handlers()
+        meta = {"data": self.data_fingerprint}
         window: list = []
         last: dict[str, float] = {}
         t_window, steps_window = None, 0
         peak = profiler.device_peak_flops(jax.devices()[0], self.model_cfg.dtype)
         bar = tqdm(total=self.total_steps, initial=start, disable=not main, dynamic_ncols=True, desc="train")
+        step, saved = start, resumed
         try:
-            step = start
-            while step < self.total_steps:
+            while step < self.total_steps and not stop.requested:
                 # --- data + step (async dispatch: no host sync here) ----------------------------
                 metrics = self.train_step(next(self.data_iter))
                 step += 1
@@ -257,9 +318,9 @@ class Trainer:
                 bar.update(1)
                 is_last = step == self.total_steps
                 if until_step is not None and step >= until_step:
-                    self._stop_requested = True
+                    stop.requested = True
                 # --- logging (the only host sync in the loop) ---------------------------------
-                if window and (step % cfg.log_every == 0 or is_last or self._stop_requested):
+                if window and (step % cfg.log_every == 0 or is_last or stop.requested):
                     fetched = jax.device_get(window)
                     self._check_finite(step)
                     dt = time.perf_counter() - t_window
@@ -273,57 +334,59 @@ class Trainer:
                     self.history.append({"step": step, **last})
                     bar.set_postfix(loss=f"{last['train/loss']:.4f}", img_s=f"{last.get('perf/img_per_s', 0):.0f}")
                     window, t_window, steps_window = [], time.perf_counter(), 0
-                # --- eval + checkpoint ----------------------------------------------------------
+                # --- eval + checkpoint (a stop skips both: the end below saves) -------------------
                 t_extra = time.perf_counter()
-                if step % cfg.eval_save_steps == 0 or is_last or self._stop_requested:
+                if (step % cfg.eval_save_steps == 0 or is_last) and not stop.requested:
                     self._check_finite(step)
-                    if self.eval_data is not None and cfg.n_eval_batches > 0:
-                        last["eval/loss"] = self.evaluate()
-                        logger.scalars(step, {"eval/loss": last["eval/loss"]})
-                    ckpt.save(step, self.state, self.data_iter, cfg.to_json(), force=True)
+                    ckpt.save(step, self.state, self.data_iter, cfg.to_json(), meta)
+                    saved = step
+                # --- evaluators (each at its own interval; the save above runs meanwhile) ---------
+                due = [ev for ev in self.evaluators if step % ev.every == 0 or is_last]
+                if due and not stop.requested:
+                    self._check_finite(step)
+                    scores = self._run_evaluators(due, step, bar if main else None)
+                    last.update(scores)
+                    logger.scalars(step, scores)
                 # --- samples ---------------------------------------------------------------------
-                if (cfg.sample_every_n and step % cfg.sample_every_n == 0) or is_last:
+                if ((cfg.sample_every_n and step % cfg.sample_every_n == 0) or is_last) and not stop.requested:
                     self.write_samples(step, samples_dir, logger)
+                ckpt.poll()  # a finished save gets its manifest (no waiting)
                 t_window += time.perf_counter() - t_extra  # keep eval/sampling out of img/s
-                if self._stop_requested:
-                    if main:
-                        print(f"\n[mmdit] stop requested: saved step {step}, exiting.")
-                    break
+            # --- the end: the last completed step is saved, and durable, before anything says so --
+            self._check_finite(step)
+            if saved != step:
+                ckpt.save(step, self.state, self.data_iter, cfg.to_json(), meta)
+            ckpt.finish(self.state)
+            if stop.requested and main:
+                print(f"\n[mmdit] stop requested: saved step {step}, exiting.", flush=True)
         finally:
             bar.close()
-            self._restore_signal_handlers(old_handlers)
-            ckpt.wait()
             logger.close()
         return last
+
+    def _run_evaluators(self, evaluators: list, step: int, bar=None) -> dict[str, float]:
+        scores, parts = {}, []
+        for ev in evaluators:
+            t0 = time.perf_counter()
+            got = ev(self)
+            scores.update(got)
+            scores[f"perf/eval_{ev.name}_s"] = time.perf_counter() - t0
+            parts += [_shown(k, v, got) for k, v in got.items() if not k.endswith("_real")]
+        if bar is not None:
+            bar.write(f"[mmdit] step {step}: " + ", ".join(parts))
+        return scores
 
     def _check_finite(self, step: int) -> None:
         bad = int(jax.device_get(self.state.nonfinite_step))
         if bad >= 0:
             ckpt = self._ensure_checkpointer()
-            ckpt.wait()
+            ckpt.finish()
             good = ckpt.latest_step()
             kept = f"last good checkpoint: step {good}" if good is not None else "no checkpoint was saved yet"
             raise NonFiniteLossError(
                 f"Loss became NaN/inf at step {bad + 1} (detected at step {step}); stopped, {kept} "
                 f"in {self.run_dir}. Try a lower --optim.learning_rate or --precision fp32."
             )
-
-    def _install_signal_handlers(self):
-        def handler(signum, frame):
-            self._stop_requested = True
-
-        old = {}
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. inside a notebook worker): no handlers
-            pass
-        return old
-
-    @staticmethod
-    def _restore_signal_handlers(old):
-        for sig, h in old.items():
-            signal.signal(sig, h)
 
     # ------------------------------------------------------------------------------------------
     def evaluate(self, n_batches: int | None = None) -> float:
@@ -391,6 +454,32 @@ class Trainer:
         out = flow_sample(self.ema_model(), noise, jnp.asarray(labels), scfg, return_trajectory=return_trajectory)
         return jax.device_get(out)
 
+    def sample_images(
+        self, labels, seed: int = 0, sampler_cfg=None, batch_size: int = 250, first_batch: int = 0
+    ) -> np.ndarray:
+        """uint8 images of the EMA model for `labels` (any number), drawn in fixed-size batches
+        sharded over the mesh's batch axes; batch i's noise comes from (seed, first_batch + i), so a
+        seed and batch size give the same images whether drawn in one call or batch by batch. Pass
+        `eval_batch_size(n)` for n images."""
+        if self.is_latent:
+            raise UserError("This run models latents: its samples need a VAE decoder to become images.")
+        labels = np.asarray(labels, np.int32)
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        b = -(-batch_size // shards) * shards  # every batch this size (the last one padded): one compiled shape
+        m, scfg = self.model_cfg, sampler_cfg or self.cfg.sampler
+        bsh = mesh_lib.batch_sharding(self.mesh)
+        shape = (b, m.image_size, m.image_size, m.in_channels)
+        # Noise made on the devices in its sharding, labels placed per shard: works across processes.
+        draw = jax.jit(lambda k: jax.random.normal(k, shape), out_shardings=bsh)
+        model, key, out = self.ema_model(), jax.random.key(seed), []
+        for i, start in enumerate(range(0, len(labels), b)):
+            y = np.pad(labels[start : start + b], (0, max(0, start + b - len(labels))))
+            y_B = jax.make_array_from_callback((b,), bsh, lambda idx, y=y: y[idx])
+            x = flow_sample(model, draw(jax.random.fold_in(key, first_batch + i)), y_B, scfg)
+            x = multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else jax.device_get(x)
+            out.append(imgs.to_uint8(x[: min(b, len(labels) - start)]))
+        return np.concatenate(out)
+
     def write_samples(self, step: int, out_dir: Path, logger: MetricLogger | None = None) -> Path:
         """One image per class (capped) with CFG: PNG grid, trajectory grid PNG and GIF."""
         labels = self.sample_labels(self.cfg.num_sample_images)
@@ -415,45 +504,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, run_dir: str, step: int | None = None, devices=None, **overrides) -> Trainer:
-        """A trainer for a saved run (config read from the checkpoint), with its weights restored."""
-        cfg_dict, step = load_config_dict(run_dir, step)
-        cfg_dict = {**cfg_dict, "run_dir": str(run_dir), **overrides}
-        cfg = TrainConfig.from_dict(cfg_dict)
-        trainer = cls(cfg, devices=devices, with_data=False)
+        """A trainer for a saved run, for sampling: its config read from the checkpoint, its mesh
+        built for this host's devices (no jax.distributed) unless `mesh` is overridden, and the
+        weights of the newest usable checkpoint (or exactly `step`) restored. Nothing in the run
+        directory is written, moved or cleaned: it may be training at the same time."""
+        cfg_dict, _ = load_config_dict(run_dir, step)
+        overrides.setdefault("mesh", dataclasses.asdict(MeshConfig()))
+        cfg = TrainConfig.from_dict({**cfg_dict, "run_dir": str(run_dir), **overrides})
+        trainer = cls(cfg, devices=devices, with_data=False, distributed=False)
+        trainer.checkpointer = Checkpointer(run_dir, read_only=True)
         if trainer.restore(step) is None:
             raise CheckpointError(f"No checkpoint found in {run_dir}.")
         return trainer
-
-    def profile(self, num_steps: int | None = None) -> dict[str, float]:
-        """Compile, time a few steps under jax.profiler, report FLOPs, FLOP/s, MFU and memory."""
-        n = num_steps or self.cfg.profile_steps
-        it = self._make_train_iterator()
-        batch = mesh_lib.global_batch_from_local(next(it), self.mesh)
-        compiled = self.compile_step(batch)
-        self.state, m = compiled(self.state, batch, self.rng)
-        jax.block_until_ready(m["loss"])
-        trace_dir = self.run_dir / "profile"
-        trace_dir.mkdir(parents=True, exist_ok=True)
-        times = []
-        with jax.profiler.trace(str(trace_dir)):
-            for _ in range(n):
-                batch = mesh_lib.global_batch_from_local(next(it), self.mesh)
-                t0 = time.perf_counter()
-                self.state, m = compiled(self.state, batch, self.rng)
-                jax.block_until_ready(m["loss"])
-                times.append(time.perf_counter() - t0)
-        step_time = float(np.median(times))
-        dev = jax.devices()[0]
-        peak = profiler.device_peak_flops(dev, self.model_cfg.dtype)
-        report = {
-            "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{self.mesh.size}",
-            "step_time_s": step_time,
-            "img_per_s": self.cfg.batch_size / step_time,
-            "flops_per_step_per_device": self.flops_per_step,
-            "achieved_tflops_per_device": (self.flops_per_step / step_time / 1e12) if self.flops_per_step else None,
-            "mfu": profiler.mfu(self.flops_per_step, step_time, self.mesh.size, peak),
-            **{f"mem/{k}": v for k, v in profiler.compiled_memory(compiled).items()},
-            **{f"mem/device_{k}": v for k, v in profiler.memory_stats(dev).items()},
-            "trace_dir": str(trace_dir),
-        }
-        return report
