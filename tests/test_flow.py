@@ -340,10 +340,10 @@ def test_sample_with_nnx_model_matches_core_and_caches_compilation():
     expected = sample_loop(model, noise, y, cfg, null_class=3)
     np.testing.assert_allclose(x0, expected, atol=1e-5)
     assert traj.shape == (4, B, H, W, C)
-    size = samplers_mod._sample_jitted._cache_size()
+    size = samplers_mod.compiled_sampler_count()
     other = TinyModel(num_classes=3, rngs=nnx.Rngs(1))  # same structure, new weights: no recompile
     x0_other = sample(other, noise, y, cfg, return_trajectory=True)[0]
-    assert samplers_mod._sample_jitted._cache_size() == size
+    assert samplers_mod.compiled_sampler_count() == size
     assert not np.allclose(x0_other, x0)
     with pytest.raises(ValueError, match="class-conditional"):
         sample(TinyModel(num_classes=0, rngs=nnx.Rngs(0)), noise, jnp.zeros(B, jnp.int32), cfg)

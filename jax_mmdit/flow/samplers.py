@@ -130,6 +130,12 @@ def _sample_jitted(graphdef, state, noise_BxHxWxC, y_B, *, cfg, null_class, retu
     return sample_loop(lambda x, t, y: model(x, t, y), noise_BxHxWxC, y_B, cfg, null_class, return_trajectory)
 
 
+def compiled_sampler_count() -> int:
+    """How many sampling loops `sample` has compiled in this process (one per model structure,
+    config and shape, whatever the weights)."""
+    return _sample_jitted._cache_size()
+
+
 def sample(
     model: nnx.Module,
     noise_BxHxWxC: jax.Array,
