@@ -260,9 +260,7 @@ def train_impls(args) -> list[Impl]:
     if args.attention_xla:  # attention as separate matmuls + XLA softmax, not the fused kernel
         for prec in args.precisions:
             impls.append(
-                Impl(
-                    f"jax {prec} attention=xla", {"kind": "jax_train", "precision": prec, "model": {"attention": "xla"}}
-                )
+                Impl(f"jax {prec} attention=xla", {"kind": "jax_train", "precision": prec, "attention": "xla"})
             )
     if args.accum > 1:  # same maths, activations of batch/accum at a time
         for prec in args.precisions:

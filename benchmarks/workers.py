@@ -142,6 +142,7 @@ def train_config(spec: dict):
         precision=spec.get("precision", "fp32"),
         grad_accum_steps=spec.get("accum", 1),
         kernels=spec.get("kernels", "auto"),
+        attention=spec.get("attention", "auto"),
         run_dir="/tmp/mmdit-bench-unused",
     )
 

@@ -216,7 +216,7 @@ class Checkpointer:
 
     def _disk_full(self, step: int, state) -> CheckpointError:
         free = shutil.disk_usage(self.directory).free
-        need = "" if state is None else f" (the train state is {_gib(_nbytes(state))})"
+        need = "" if state is None else f" (it needs {_gib(_local_nbytes(state))})"
         good = [s for s in self.steps() if s != step]
         kept = (
             f"the checkpoints already written (last: step {good[-1]}) are intact"
@@ -327,10 +327,6 @@ def _sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def _nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _local_nbytes(tree) -> int:

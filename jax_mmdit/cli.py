@@ -170,6 +170,7 @@ def cmd_info(argv: list[str]) -> int:
         default="auto",
         help="backend whose compiled forward is counted (the count is the same maths on each)",
     )
+    p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto", help="attention implementation")
     p.add_argument("--json", action="store_true", help="print JSON")
     a = p.parse_args(argv)
     from jax_mmdit import ops
@@ -180,7 +181,7 @@ def cmd_info(argv: list[str]) -> int:
     if a.learn_sigma is not None:
         kw["learn_sigma"] = a.learn_sigma
     cfg = ModelConfig.from_preset(a.model, **kw)
-    s = model_summary(cfg, ops.resolve(a.kernels, cfg.attention))
+    s = model_summary(cfg, ops.resolve(a.kernels, a.attention))
     if a.json:
         print(json.dumps(s, indent=2, default=str))
     else:

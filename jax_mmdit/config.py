@@ -17,7 +17,7 @@ from jax_mmdit.errors import UserError
 from jax_mmdit.eval.config import ClassifierEvalConfig, EvalConfig
 from jax_mmdit.flow.config import FlowConfig, SamplerConfig
 from jax_mmdit.models.config import ModelConfig
-from jax_mmdit.ops import Kernels
+from jax_mmdit.ops import ATTENTIONS, Attention, Kernels
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -92,6 +92,9 @@ class TrainConfig:
     # C++/oneDNN kernels (CPU), "xla" = XLA's own ops, "auto" = onednn on a one-device CPU mesh
     # where the kernels build, else xla. Same maths either way; it changes speed, not results.
     kernels: Kernels = "auto"
+    # How attention runs: "auto" (GPU: cuDNN flash with an XLA fallback; CPU: the fused kernel of
+    # the oneDNN backend), "xla" (softmax between separate matmuls), "cudnn" (GPU flash; bf16/fp16).
+    attention: Attention = "auto"
     log_every: int = 50  # steps between host syncs for metrics (the only sync in the loop)
     eval_save_steps: int = 500  # steps between evaluation (see eval.*) + checkpoint
     n_eval_batches: int = 10  # eval-split batches of the "loss" evaluator
@@ -120,6 +123,10 @@ class TrainConfig:
             )
         if self.kernels not in get_args(Kernels):
             raise UserError(f"kernels must be one of {get_args(Kernels)}, got {self.kernels!r}.")
+        if self.attention not in ATTENTIONS:
+            raise UserError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}.")
+        if self.attention == "cudnn" and self.precision == "fp32":
+            raise UserError("attention='cudnn' runs in bf16 or fp16: set --precision bf16 (or fp16).")
         if self.max_steps is None and self.n_epochs <= 0:
             raise UserError(f"n_epochs must be > 0, got {self.n_epochs}.")
         if self.max_steps is not None and self.max_steps <= 0:
@@ -143,8 +150,9 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """The config of a `to_dict` (e.g. a saved run's). Fields missing from `d` take today's
         defaults (a field added since the run was saved); a field `d` has and the config does not
-        (renamed or removed) is an error naming it, never dropped."""
-        return _dataclass_from_dict(cls, d, "")
+        (renamed or removed) is an error naming it, never dropped, except the documented moves in
+        `_migrate`."""
+        return _dataclass_from_dict(cls, _migrate(d), "")
 
 
 # Fields a resumed run may change freely: how long, how fast and where it runs, how it logs,
@@ -154,7 +162,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = (
     "run_dir", "n_epochs", "max_steps", "precision", "kernels", "grad_accum_steps", "log_every",
     "eval_save_steps", "n_eval_batches", "sample_every_n", "num_sample_images", "keep_checkpoints",
-    "profile", "profile_steps", "allow_config_change", "mesh.*", "sampler.*", "eval.*", "model.attention",
+    "profile", "profile_steps", "allow_config_change", "mesh.*", "sampler.*", "eval.*", "attention",
     "model.remat", "data.num_workers", "data.strict", "flow.num_loss_bins", "optim.learning_rate", "optim.warmup_steps",
     "optim.schedule", "optim.min_lr_ratio", "optim.weight_decay", "optim.b1", "optim.b2", "optim.eps",
     "optim.grad_clip", "optim.ema_decay", "optim.ema_warmup",
@@ -188,6 +196,17 @@ def config_differences(saved: dict[str, Any], requested: TrainConfig) -> list[st
     if clip_old is not None and (clip_old > 0) != (clip_new > 0):
         diffs.append(f"optim.grad_clip: {clip_old!r} -> {clip_new!r} (clipping on/off changes the optimizer state)")
     return diffs
+
+
+def _migrate(d: dict[str, Any]) -> dict[str, Any]:
+    """Saved configs of earlier versions: `model.attention` (a backend choice, not maths) is now
+    the top-level `attention`."""
+    model = d.get("model")
+    if isinstance(model, dict) and "attention" in model:
+        model = dict(model)
+        d = {**d, "model": model}
+        d.setdefault("attention", model.pop("attention"))
+    return d
 
 
 def _sub_config(cls, name: str):

@@ -8,7 +8,6 @@ use that backend (`jax_mmdit.ops.set_auto`); tests that name a backend keep thei
 """
 
 import os
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -17,8 +16,6 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Classifiers and FID statistics the tests make go to a fresh cache, never the user's.
-os.environ["MMDIT_CACHE"] = tempfile.mkdtemp(prefix="mmdit-cache-")
 
 import jax  # noqa: E402
 

@@ -90,3 +90,15 @@ def test_sample_grids_carry_the_class_names_under_the_images(tmp_path):
     strip = named[plain.shape[0] :]
     assert (strip < 64).any() and (strip == 255).mean() > 0.5  # dark text on white
     assert np.array_equal(np.asarray(Image.open(tmp_path / "named.png"))[..., None], named)
+
+
+def test_attention_is_a_backend_choice_of_the_run_and_old_saved_configs_migrate():
+    with pytest.raises(UserError, match="attention='cudnn' runs in bf16 or fp16"):
+        TrainConfig(attention="cudnn")
+    assert TrainConfig(attention="cudnn", precision="bf16").attention == "cudnn"
+    assert "attention" not in {f.name for f in dataclasses.fields(ModelConfig)}
+    # A run saved when attention was a model field loads with it moved, not dropped.
+    old = get_config("tiny").to_dict()
+    old["model"]["attention"] = old.pop("attention")
+    old["model"]["attention"] = "xla"
+    assert TrainConfig.from_dict(old).attention == "xla"

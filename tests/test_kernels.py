@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jax_mmdit import ops
+from jax_mmdit.cache import CACHE_ENV
 from jax_mmdit.errors import UserError
 from jax_mmdit.ops import XlaCpuOps, reference
 from jax_mmdit.ops.onednn import OnednnOps, backend, build, calls
@@ -438,7 +439,7 @@ def test_kernels_are_counted_in_flops_like_xla_counts_its_own_ops():
 
 
 def test_unbuildable_kernels_fall_back_with_a_warning_or_fail_when_asked_for(monkeypatch, tmp_path):
-    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # nothing built here yet
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     previous = ops.set_auto(None)
     build.load.cache_clear()
@@ -454,7 +455,7 @@ def test_unbuildable_kernels_fall_back_with_a_warning_or_fail_when_asked_for(mon
 
 
 def test_build_is_cached_per_source_and_jaxlib(monkeypatch, tmp_path):
-    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     path = build.build()
     assert path.parent == tmp_path and path.stat().st_size > 0
     mtime = path.stat().st_mtime_ns

@@ -123,7 +123,6 @@ def test_null_class_is_num_classes_with_extra_table_row():
         (lambda: ModelConfig.from_preset("DiT-S/2", hidden=3), "Unknown ModelConfig field"),
         (lambda: tiny(arch="vit"), r"arch must be one of \('dit', 'mmdit'\)"),
         (lambda: tiny(dtype="float64"), "dtype must be one of"),
-        (lambda: tiny(attention="cudnn"), "attention='cudnn' needs dtype bfloat16"),
         (lambda: tiny("mmdit", context_dim=16), "not both"),
         (lambda: tiny("dit", context_dim=16), "MMDiT options"),
     ],

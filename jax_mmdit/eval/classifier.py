@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jax_mmdit.cache import cache_root
 from jax_mmdit.errors import UserError
-from jax_mmdit.eval.reference import cache_root
 
 WEIGHTS = "classifier.safetensors"
 META = "classifier.json"
@@ -120,8 +120,7 @@ class Classifier:
 
 def default_classifier_dir(dataset: str, image_shape: tuple[int, int, int]) -> Path:
     """Where `mmdit train-classifier` stores a dataset's classifier (and where evaluators look):
-    $MMDIT_CACHE, else $XDG_CACHE_HOME/jax_mmdit, else ~/.cache/jax_mmdit; then
-    classifiers/<dataset>-<H>x<W>x<C>."""
+    `jax_mmdit.cache.cache_root()`, then classifiers/<dataset>-<H>x<W>x<C>."""
     return cache_root() / "classifiers" / f"{dataset}-{'x'.join(map(str, image_shape))}"
 
 

@@ -1,6 +1,6 @@
 """Reference statistics for FID: computed from any data source, cached, or read from ADM's files.
 
-    stats = dataset_stats(data_cfg, "eval", features_fn, protocol)   # cached under $MMDIT_CACHE
+    stats = dataset_stats(data_cfg, "eval", features_fn, protocol)   # cached under jax_mmdit.cache.cache_root()
     stats = load_stats("VIRTUAL_imagenet256_labeled.npz")             # ADM reference batch, as is
     stats["mu"], stats["sigma"]        # pool features (2048-d): FID
     stats.get("mu_s"), ...             # spatial features: sFID
@@ -22,18 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from jax_mmdit.cache import cache_root
 from jax_mmdit.errors import UserError
 from jax_mmdit.eval.metrics import feature_stats
 
 # Real features kept for precision/recall (the k-NN manifold of the reference set).
 MAX_KEPT_FEATURES = 10_000
-
-
-def cache_root() -> Path:
-    """$MMDIT_CACHE, else $XDG_CACHE_HOME/jax_mmdit, else ~/.cache/jax_mmdit."""
-    if os.environ.get("MMDIT_CACHE"):
-        return Path(os.environ["MMDIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jax_mmdit"
 
 
 def stats_from_features(feats: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:

@@ -50,7 +50,6 @@ PosEmbed = Literal["sincos", "learned"]
 Stem = Literal["patch", "conv"]
 MlpKind = Literal["gelu", "swiglu"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
-Attention = Literal["auto", "xla", "cudnn"]
 
 
 @dataclass(frozen=True)
@@ -88,9 +87,6 @@ class ModelConfig:
     # Compute dtype of activations/matmuls; parameters, norms and softmax stay float32. In training
     # it is set by TrainConfig.precision, so leave it at float32 there.
     dtype: DtypeName = "float32"
-    # Attention kernel: "auto" (GPU: cuDNN flash with an XLA fallback; CPU: the fused kernel with
-    # --kernels onednn), "xla" (softmax between separate matmuls), or "cudnn" (GPU flash, half dtypes).
-    attention: Attention = "auto"
     # Recompute each block in the backward pass: less activation memory, ~30% more compute.
     remat: bool = False
     # MMDiT only: width of precomputed text-token embeddings (0 = learned class tokens).
@@ -115,7 +111,6 @@ class ModelConfig:
             ("stem", Stem),
             ("mlp", MlpKind),
             ("dtype", DtypeName),
-            ("attention", Attention),
         ):
             one_of(name, choices)
         for name in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -133,10 +128,6 @@ class ModelConfig:
         need(self.hidden_size % 4 == 0, f"hidden_size must be a multiple of 4, got {self.hidden_size}.")
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}.")
         need(self.num_classes >= 0, f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}.")
-        need(
-            self.attention != "cudnn" or self.dtype in ("bfloat16", "float16"),
-            f"attention='cudnn' needs dtype bfloat16 or float16, got {self.dtype!r}.",
-        )
         need(self.context_dim >= 0 and self.pooled_dim >= 0, "context_dim and pooled_dim must be >= 0.")
         if self.arch == "dit":
             need(

@@ -14,5 +14,5 @@ def create_model(cfg: ModelConfig, rngs: nnx.Rngs, ops: Ops | None = None) -> Di
     """Build the network `cfg.arch` names; parameters are float32. `ops` is the backend its layers
     call (`jax_mmdit.ops.resolve`); None resolves kernels="auto" for all of jax's devices, with the
     config's attention implementation."""
-    ops = resolve("auto", cfg.attention) if ops is None else ops
+    ops = resolve("auto") if ops is None else ops
     return DiT(cfg, ops, rngs) if cfg.arch == "dit" else MMDiT(cfg, ops, rngs)

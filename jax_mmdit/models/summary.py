@@ -66,7 +66,7 @@ def forward_flops(cfg: ModelConfig, ops: Ops, batch: int = 1) -> float:
 def model_summary(cfg: ModelConfig, ops: Ops | None = None) -> dict[str, Any]:
     """Sizes and per-image forward cost of `cfg` on backend `ops` (None: kernels="auto"), for
     `mmdit info` and logs."""
-    ops = resolve("auto", cfg.attention) if ops is None else ops
+    ops = resolve("auto") if ops is None else ops
     params = count_params(nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0), ops)))
     flops = forward_flops(cfg, ops, batch=1)
     return {

@@ -32,6 +32,9 @@ from jax_mmdit.ops.xla import XlaCpuOps, XlaOps
 Ops = ReferenceOps  # the interface every backend implements
 Kernels = Literal["auto", "xla", "onednn"]
 KERNELS: tuple[str, ...] = get_args(Kernels)
+# How attention runs where a backend has a choice (TrainConfig.attention).
+Attention = Literal["auto", "xla", "cudnn"]
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
 
 _auto_override: str | None = None
 
@@ -54,6 +57,8 @@ def resolve(kernels: str = "auto", attention: str = "auto", devices=None) -> Ops
     built, an explicit "onednn" fails."""
     if kernels not in KERNELS:
         raise UserError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}.")
+    if attention not in ATTENTIONS:
+        raise UserError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}.")
     devices = list(jax.devices() if devices is None else devices)
     platform = devices[0].platform
     if attention == "cudnn" and platform != "gpu":
@@ -96,4 +101,15 @@ def _warn_once(reason: str) -> None:
     )
 
 
-__all__ = ["KERNELS", "Kernels", "Ops", "ReferenceOps", "XlaCpuOps", "XlaOps", "resolve", "set_auto"]
+__all__ = [
+    "ATTENTIONS",
+    "KERNELS",
+    "Attention",
+    "Kernels",
+    "Ops",
+    "ReferenceOps",
+    "XlaCpuOps",
+    "XlaOps",
+    "resolve",
+    "set_auto",
+]

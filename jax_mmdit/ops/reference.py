@@ -117,7 +117,7 @@ class ReferenceOps:
     attribute (part of the graph definition, not of the state)."""
 
     name: ClassVar[str] = "reference"
-    # How attention runs where a backend has a choice: "auto", "xla" or "cudnn" (ModelConfig.attention).
+    # How attention runs where a backend has a choice: "auto", "xla" or "cudnn" (TrainConfig.attention).
     attention_impl: str = "auto"
 
     def dense(self, x_MxK, w_KxN, b_N, dtype):

@@ -9,6 +9,7 @@ trainer = Trainer.load("runs/fashion_mnist")      # sampling from a finished run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -49,6 +50,12 @@ def _describe(fingerprint: dict) -> str:
     return f"{f.get('name')}, {f.get('num_examples')} examples, sample hash {f.get('sample_sha256')}"
 
 
+@functools.cache
+def _noise_fn(shape: tuple[int, ...], sharding):
+    """key -> standard normal noise of `shape` made in `sharding`; compiled once per shape."""
+    return jax.jit(lambda key: jax.random.normal(key, shape), out_shardings=sharding)
+
+
 def _shown(key: str, value: float, scores: dict) -> str:
     """'class_accuracy 0.812 (real 0.914)': a score with its real-data floor where there is one."""
     name = key.split("/", 1)[-1]
@@ -72,7 +79,7 @@ class Trainer:
         self.model_cfg = cfg.model_for_precision
         # The backend of the model's operations, chosen once for this mesh (builds the C++ kernels
         # here when they are picked, never inside a trace).
-        self.ops = ops_lib.resolve(cfg.kernels, self.model_cfg.attention, list(self.mesh.devices.flat))
+        self.ops = ops_lib.resolve(cfg.kernels, cfg.attention, list(self.mesh.devices.flat))
 
         # --- data -------------------------------------------------------------------------
         self.train_data = self.eval_data = None
@@ -159,7 +166,6 @@ class Trainer:
         # --- checkpoints (resume automatically) ------------------------------------------------
         self.checkpointer = None
         self.data_iter = None
-        self._stop_requested = False
         self.history: list[dict] = []
         self.evaluators: list | None = None  # built when training starts (`build_evaluators`)
 
@@ -468,9 +474,8 @@ class Trainer:
         b = -(-batch_size // shards) * shards  # every batch this size (the last one padded): one compiled shape
         m, scfg = self.model_cfg, sampler_cfg or self.cfg.sampler
         bsh = mesh_lib.batch_sharding(self.mesh)
-        shape = (b, m.image_size, m.image_size, m.in_channels)
         # Noise made on the devices in its sharding, labels placed per shard: works across processes.
-        draw = jax.jit(lambda k: jax.random.normal(k, shape), out_shardings=bsh)
+        draw = _noise_fn((b, m.image_size, m.image_size, m.in_channels), bsh)
         model, key, out = self.ema_model(), jax.random.key(seed), []
         for i, start in enumerate(range(0, len(labels), b)):
             y = np.pad(labels[start : start + b], (0, max(0, start + b - len(labels))))

@@ -2,8 +2,9 @@
 
 The sources (`*.cc`, `*.h` next to this file) are compiled with the system C++ compiler (`CXX`,
 default g++) against Debian's libdnnl-dev (`make setup` installs both) into a cache directory
-(`MMDIT_CACHE_DIR`, default ~/.cache/jax_mmdit), one file per source and jaxlib version, and their
-FFI handlers registered with XLA. Where that fails, `load` says why and the caller falls back.
+(`jax_mmdit.cache.cache_root()`: `MMDIT_CACHE_DIR`, default ~/.cache/jax_mmdit), one file per
+source and jaxlib version, and their FFI handlers registered with XLA. Where that fails, `load`
+says why and the caller falls back.
 """
 
 from __future__ import annotations
@@ -18,23 +19,18 @@ from pathlib import Path
 
 import jax
 
+from jax_mmdit.cache import cache_root
 from jax_mmdit.ops.onednn.calls import HANDLERS
 
-CACHE_ENV = "MMDIT_CACHE_DIR"
 _DIR = Path(__file__).parent
 SOURCES = (_DIR / "onednn_kernels.cc", _DIR / "attention_kernels.cc", _DIR / "row_kernels.cc")
 HEADERS = (_DIR / "common.h", _DIR / "onednn_common.h")
 
 
-def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jax_mmdit")
-    return Path(root)
-
-
 def library_path() -> Path:
     # A new kernel source or jaxlib (FFI headers) gets its own file: stale builds are never loaded.
     key = hashlib.sha256(b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS)) + jax.lib.__version__.encode())
-    return cache_dir() / f"onednn_kernels-{key.hexdigest()[:16]}.so"
+    return cache_root() / f"onednn_kernels-{key.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
