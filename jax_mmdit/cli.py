@@ -1,6 +1,8 @@
-"""The `mmdit` command: train, sample, eval, fid-stats, train-classifier, profile, info, datasets.
+"""The `mmdit` command: train, sample, eval, fid-stats, train-classifier, train-vae, encode, profile,
+info, datasets.
 
 mmdit train --config fashion_mnist --optim.learning_rate 1e-3 --mesh.fsdp 2
+mmdit encode --vae sd-vae-ft-ema --dataset imagenet --source ~/ILSVRC/train --out latents/imagenet256
 mmdit sample --run runs/fashion_mnist --class 3 --cfg 4 --steps 50 --out x.png
 mmdit sample --run runs/fashion_mnist --num 1000 --out samples.npz
 mmdit info --model DiT-XL/2 --image_size 32 --in_channels 4 --num_classes 1000
@@ -18,16 +20,23 @@ from pathlib import Path
 
 from jax_mmdit import runtime
 
-USAGE = """usage: mmdit {train,sample,eval,fid-stats,train-classifier,profile,info,datasets} [options]
+USAGE = """usage: mmdit {train,sample,eval,fid-stats,train-classifier,train-vae,encode,profile,info,datasets} [options]
 
   train             train a model (typed config; any field can be overridden, see `mmdit train --help`)
   sample            draw images from a trained run (PNG grid, GIF or an .npz)
   eval              sample a run and score it: classifier accuracy/FD (offline) or FID/IS/precision/recall
   fid-stats         Inception reference statistics of a dataset, cached for FID
   train-classifier  train a dataset's small evaluation CNN (the offline metric)
+  train-vae         train a small VAE on a dataset (a diffusers-format directory, for `encode`)
+  encode            images -> VAE latent shards, for latent diffusion (`train --data.source DIR`)
   profile           a few training steps: FLOPs per step, FLOP/s, MFU, memory, a jax.profiler trace
   info              parameter count and forward GFLOPs of a model preset
   datasets          list the named datasets
+
+latent diffusion: a VAE (a published diffusers directory, or `mmdit train-vae`), then
+  mmdit encode --vae VAE --dataset NAME --source IMAGES --resolution 256 --out LATENTS
+  mmdit train --config PRESET --data.source LATENTS
+  mmdit sample --run RUN --out samples.png            (decoded with the run's VAE)
 """
 
 
@@ -97,6 +106,7 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256, help="images per sampling call")
     p.add_argument("--out", default="samples.png", help=".png (grid), .gif (trajectory) or .npz (uint8 + labels)")
+    p.add_argument("--vae", default=None, help="a latent run's VAE directory, if it moved since training")
     a = p.parse_args(argv)
 
     import numpy as np
@@ -115,19 +125,21 @@ def cmd_sample(argv: list[str]) -> int:
     if a.num is not None and a.num < 1:
         raise UserError(f"--num must be at least 1, got {a.num}.")
     trainer = Trainer.load(run, step)
+    if a.vae:
+        trainer.decoder.use_vae(a.vae)
     overrides = {k: v for k, v in (("cfg_scale", a.cfg), ("num_steps", a.steps), ("method", a.method)) if v is not None}
     scfg = dataclasses.replace(trainer.cfg.sampler, **overrides)
     n_cls = trainer.model_cfg.num_classes
     labels = trainer.sample_labels(a.num or len(a.labels or ()) or n_cls or 16, a.labels)
     if out.suffix == ".gif":
         x, traj = trainer.sample(labels, seed=a.seed, sampler_cfg=scfg, return_trajectory=True)
-        traj_u8 = np.stack([imgs.to_uint8(t, trainer.is_latent) for t in traj])
+        traj_u8 = trainer.decoder.trajectory(traj)
         imgs.save_trajectory_gif(out, traj_u8, ncols=min(len(labels), 10))
     else:
         chunks = []
         for i in range(0, len(labels), a.batch):
             chunks.append(trainer.sample(labels[i : i + a.batch], seed=a.seed + i, sampler_cfg=scfg))
-        x_u8 = imgs.to_uint8(np.concatenate(chunks), trainer.is_latent)
+        x_u8 = trainer.decoder(np.concatenate(chunks))
         if out.suffix == ".npz":
             with imgs.atomic_path(out) as tmp:
                 np.savez_compressed(tmp, images=x_u8, labels=labels.astype(np.int32))
@@ -209,12 +221,23 @@ def _eval_command(name: str):
     return run
 
 
+def _vae_command(module: str, name: str):
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"jax_mmdit.vae.{module}"), name)(argv)
+
+    return run
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
     "eval": _eval_command("cmd_eval"),
     "fid-stats": _eval_command("cmd_fid_stats"),
     "train-classifier": _eval_command("cmd_train_classifier"),
+    "train-vae": _vae_command("train", "cmd_train_vae"),
+    "encode": _vae_command("encode", "cmd_encode"),
     "profile": cmd_profile,
     "info": cmd_info,
     "datasets": cmd_datasets,

@@ -211,3 +211,31 @@ def test_unreachable_hub_names_local_alternatives(tmp_path):
     r = mmdit("train", "--config", "cifar10", "--run_dir", str(tmp_path / "c"), timeout=120)
     assert r.returncode == 1
     assert "--data.source" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_latent_diffusion_chain_train_vae_encode_train_sample(tmp_path):
+    """The whole latent path on 256 real images: a VAE trained here, its latents, a DiT on them,
+    samples decoded back to pixels; a moved VAE is found with --vae, a different one refused."""
+    vae, lat, run = tmp_path / "vae", tmp_path / "lat", tmp_path / "run"
+    small = ["--block_out_channels", "8", "16", "--norm_num_groups", "4", "--batch_size", "16"]
+    r = mmdit("train-vae", "--resolution", "16", *small, "--steps", "10", "--max_examples", "256",
+              "--eval_examples", "32", "--out", str(vae))  # fmt: skip
+    assert r.returncode == 0 and "reconstruction MSE" in r.stdout, r.stderr[-3000:]
+    r = mmdit("encode", "--vae", str(vae), "--dataset", "fashion_mnist", "--resolution", "16",
+              "--max_examples", "256", "--shard_size", "128", "--out", str(lat))  # fmt: skip
+    assert r.returncode == 0 and "256 images encoded" in r.stdout, r.stderr[-3000:]
+    r = mmdit("train", "--config", "tiny", "--data.source", str(lat), "--model.image_size", "8", "--model.in_channels",
+              "4", "--model.patch_size", "2", "--data.eval_fraction", "0.1", "--run_dir", str(run))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    grid = Image.open(run / "samples" / "step_0000006.png")
+    assert grid.mode == "L" and grid.size[0] >= 4 * 16 * 2  # decoded 16x16 grayscale images, not latents
+    moved = tmp_path / "moved-vae"
+    vae.rename(moved)
+    r = mmdit("sample", "--run", str(run), "--num", "4", "--out", str(tmp_path / "s.npz"))
+    assert r.returncode == 1 and "--vae DIR" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    r = mmdit("sample", "--run", str(run), "--num", "4", "--vae", str(moved), "--out", str(tmp_path / "s.npz"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = np.load(tmp_path / "s.npz")
+    assert d["images"].shape == (4, 16, 16, 1) and d["images"].dtype == np.uint8 and d["images"].std() > 0
+    r = mmdit("sample", "--run", str(run), "--vae", str(ROOT / "tests"), "--out", str(tmp_path / "t.png"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no config.json" in r.stderr, r.stderr[-2000:]

@@ -12,6 +12,7 @@ from PIL import Image
 
 from jax_mmdit.data import DATASETS, DataConfig, DatasetUnavailableError, build_dataset
 from jax_mmdit.data.sources import detect_source, fit_image
+from jax_mmdit.errors import UserError
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -158,7 +159,7 @@ def test_missing_hub_offline_fails_fast_naming_alternatives():
         build_dataset(DataConfig(name="flowers", source="no-such-org/no-such-dataset"), "train")
     assert time.perf_counter() - start < 5
     assert "dataset-fashion-mnist" in str(err.value) and "--data.source" in str(err.value)
-    with pytest.raises(DatasetUnavailableError, match="no public hub copy"):
+    with pytest.raises(DatasetUnavailableError, match="latent directory written by `mmdit encode`"):
         build_dataset(DataConfig(name="imagenet"), "train")
 
 
@@ -259,17 +260,10 @@ def test_held_out_eval_is_disjoint_and_max_examples_limits(tmp_path):
     assert small.info.num_examples == 8
 
 
-def test_latents_are_scaled_not_normalised(tmp_path):
-    latents = np.random.default_rng(0).normal(size=(6, 32, 32, 4)).astype(np.float16)
-    np.savez(tmp_path / "latents.npz", latents=latents, labels=np.arange(6) * 100)
-    ds = build_dataset(DataConfig(name="imagenet", source=str(tmp_path / "latents.npz")), "train")
-    assert ds.info.is_latent and ds.info.image_shape == (32, 32, 4) and ds.info.num_examples == 5
-    batch = next(ds.iterator(5, seed=0, shuffle=False))
-    train_latents = latents[np.isin(np.arange(6) * 100, batch["label"])]
-    np.testing.assert_allclose(batch["image"], train_latents.astype(np.float32) * 0.18215, rtol=1e-6)
-    np.savez(tmp_path / "bad.npz", latents=latents.transpose(0, 3, 1, 2), labels=np.arange(6))
-    with pytest.raises(ValueError, match="NHWC"):
-        build_dataset(DataConfig(name="imagenet", source=str(tmp_path / "bad.npz")), "train")
+def test_latents_in_an_npz_point_to_mmdit_encode(tmp_path):
+    np.savez(tmp_path / "latents.npz", latents=np.zeros((6, 32, 32, 4), np.float16), labels=np.arange(6))
+    with pytest.raises(UserError, match="needs an array named 'images'.*`mmdit encode`"):
+        build_dataset(DataConfig(name="imagenet", source=str(tmp_path / "latents.npz")), "train")
 
 
 def test_two_workers_match_in_process(index_source):

@@ -3,6 +3,7 @@ loop, a second run on a locked directory, a resume with another model or other d
 on another machine's mesh, bad data found at start-up, and one error line for every bad input."""
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from jax_mmdit.checkpoint import MANIFEST, Checkpointer, CheckpointError
@@ -291,13 +293,23 @@ def test_unreadable_images_are_skipped_and_counted_or_an_error_when_strict(tmp_p
             build_dataset(dataclasses.replace(cfg, strict=True), split)
 
 
-def test_non_finite_latents_in_an_npz_fail_at_load_naming_the_rows(tmp_path):
-    latents = np.zeros((8, 32, 32, 4), np.float32)
-    latents[3, 0, 0, 0] = np.nan
-    latents[5, 1, 1, 1] = np.inf
-    np.savez(tmp_path / "lat.npz", latents=latents, labels=np.arange(8))
-    with pytest.raises(UserError, match=r"2 of the 8 latents .* NaN or inf .* index 3, 5"):
-        build_dataset(DataConfig(name="imagenet", source=str(tmp_path / "lat.npz")), "train")
+def test_a_vae_that_yields_nan_gets_no_latents_written(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from jax_mmdit.vae import AutoencoderKL, VAEConfig, save_vae
+    from jax_mmdit.vae.encode import cmd_encode
+
+    cfg = VAEConfig(in_channels=1, out_channels=1, block_out_channels=(4,), layers_per_block=1, norm_num_groups=2)
+    vae = save_vae(AutoencoderKL(cfg, rngs=nnx.Rngs(0)), cfg, tmp_path / "vae")
+    weights = load_file(str(vae / "diffusion_pytorch_model.safetensors"))
+    weights["encoder.conv_out.bias"][:] = np.nan
+    save_file(weights, str(vae / "diffusion_pytorch_model.safetensors"))
+    args = ["--vae", str(vae), "--out", str(tmp_path / "lat"), "--dataset", "fashion_mnist", "--max_examples", "8",
+            "--resolution", "8", "--no-flip"]  # fmt: skip
+    with pytest.raises(UserError, match="No image .* could be encoded"):
+        cmd_encode(args)
+    assert json.loads((tmp_path / "lat" / "shard-00000.json").read_text())["skipped"] == 8
+    assert not (tmp_path / "lat" / "latents.json").exists()
 
 
 # ---- 7. one line for every bad input ---------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jax_mmdit.data.latents import LatentNorm
 from jax_mmdit.data.registry import get_spec
 from jax_mmdit.errors import UserError
 
@@ -15,9 +16,15 @@ class DataConfig:
     # A name in jax_mmdit.data.DATASETS.
     name: str = "fashion_mnist"
     # Overrides where the data comes from: a hub id, or a path to a save_to_disk directory, parquet
-    # file(s), an image folder, a directory of MNIST-format IDX files, or an .npz; None = the
-    # dataset's local copy if installed, else its hub id.
+    # file(s), an image folder, a directory of MNIST-format IDX files, an .npz, or a latent directory
+    # written by `mmdit encode`; None = the dataset's local copy if installed, else its hub id.
     source: str | None = None
+    # Latent sources: how latents reach ~unit scale, "vae" (the VAE config's scaling/shift factor) or
+    # "channel" (each channel's mean/std over the encoded set, as LightningDiT).
+    latent_norm: LatentNorm = "vae"
+    # Latent sources: the VAE directory that decodes samples, when it is no longer where the latent
+    # manifest says (it must be the same VAE: checked by its weights' hash). None = the manifest's.
+    vae: str | None = None
     # Overrides the spec's target image size (e.g. 32 for MNIST to fit a patch size of 4 or 8).
     image_size: int | None = None
     # Random horizontal flips of training images; only where the dataset allows it (never digits).
@@ -32,11 +39,11 @@ class DataConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        spec = get_spec(self.name)  # raises for unknown names, listing the valid ones
+        get_spec(self.name)  # raises for unknown names, listing the valid ones
         if self.image_size is not None and self.image_size <= 0:
             raise UserError(f"data.image_size must be positive, got {self.image_size}.")
-        if self.image_size is not None and spec.is_latent and self.image_size != spec.image_size:
-            raise UserError(f"data.image_size cannot resize the precomputed latents of {self.name!r}.")
+        if self.latent_norm not in ("vae", "channel"):
+            raise UserError(f"data.latent_norm must be 'vae' or 'channel', got {self.latent_norm!r}.")
         if not 0.0 < self.eval_fraction < 1.0:
             raise UserError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}.")
         if self.max_examples is not None and self.max_examples <= 0:

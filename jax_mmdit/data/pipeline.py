@@ -27,12 +27,14 @@ import grain
 import numpy as np
 
 from jax_mmdit.data.config import DataConfig
+from jax_mmdit.data.latents import LatentRecords, latent_normalization, read_manifest
 from jax_mmdit.data.registry import get_spec
-from jax_mmdit.data.sources import HFRecords, Records, load_splits
+from jax_mmdit.data.sources import HFRecords, Records, detect_source, load_splits
 from jax_mmdit.errors import UserError
 
-# Mixed into the flip RNG seed so flips stay independent of other draws made from the same seed.
+# Mixed into the RNG seeds so flips and latent noise stay independent of other draws from the seed.
 _FLIP_STREAM = 0x666C6970
+_LATENT_STREAM = 0x6C61746E
 # Fixed seed of the held-out eval slice: the eval set must not change with the training seed.
 _HOLDOUT_SEED = 0
 # Batches prepared ahead by background threads: overlaps loading with the training step while
@@ -49,7 +51,7 @@ class DatasetInfo:
     image_shape: tuple[int, int, int]  # (H, W, C)
     num_classes: int
     class_names: tuple[str, ...] | None
-    is_latent: bool
+    is_latent: bool  # a latent directory: `image` is a normalised VAE latent, not pixels
 
 
 @dataclass(frozen=True)
@@ -59,27 +61,39 @@ class _LoadBatch:
     A picklable object rather than a closure: worker processes receive it by pickling.
     """
 
-    records: Records
+    records: Records | LatentRecords
     start: int  # this process's rows of each global batch
     stop: int
     seed: int
     flip: bool
-    latent_scale: float | None  # None: uint8 pixels -> [-1, 1]
+    # Latents: (shift_C, scale_C), the model sees (z - shift) * scale; None: uint8 pixels -> [-1, 1].
+    latent_norm: tuple[np.ndarray, np.ndarray] | None
 
     def __call__(self, step: int, indices_G: np.ndarray) -> dict[str, np.ndarray]:
         images, labels = self.records.read(indices_G[self.start : self.stop])
-        x = images.astype(np.float32)
-        if self.latent_scale is None:
-            x *= np.float32(2 / 255)
-            x -= np.float32(1)
-        else:
-            x *= np.float32(self.latent_scale)
+        # Drawn for the whole global batch so an example's flip does not depend on process_count.
+        flips = None
         if self.flip:
-            # Drawn for the whole global batch so an example's flip does not depend on process_count.
             rng = np.random.default_rng((self.seed, _FLIP_STREAM, step))
             flips = (rng.random(len(indices_G)) < 0.5)[self.start : self.stop]
+        if self.latent_norm is not None:
+            return {"image": self._latents(step, images, flips, len(indices_G)), "label": labels}
+        x = images.astype(np.float32)
+        x *= np.float32(2 / 255)
+        x -= np.float32(1)
+        if flips is not None:
             x[flips] = x[flips, :, ::-1]
         return {"image": x, "label": labels}
+
+    def _latents(self, step: int, moments_BxVx2xhxwxc: np.ndarray, flips, global_batch: int) -> np.ndarray:
+        """A fresh posterior sample z = mean + std * eps of each example (of its mirrored image's
+        encoding where it is flipped), normalised."""
+        variant = flips.astype(np.int64) if flips is not None else np.zeros(len(moments_BxVx2xhxwxc), np.int64)
+        m = moments_BxVx2xhxwxc[np.arange(len(variant)), variant]  # (B, 2, h, w, c)
+        rng = np.random.default_rng((self.seed, _LATENT_STREAM, step))
+        eps = rng.standard_normal((global_batch, *m.shape[2:]), np.float32)[self.start : self.stop]
+        shift_C, scale_C = self.latent_norm
+        return ((m[:, 0] + m[:, 1] * eps) - shift_C) * scale_C
 
 
 class BatchIterator:
@@ -150,12 +164,21 @@ class BatchIterator:
 class ImageDataset:
     """One split of a dataset, ready to iterate: `.info`, `.iterator(...)`, `.steps_per_epoch(...)`."""
 
-    def __init__(self, info: DatasetInfo, records: Records, flip: bool, latent_scale: float | None, num_workers: int):
+    def __init__(
+        self,
+        info: DatasetInfo,
+        records: Records | LatentRecords,
+        flip: bool,
+        num_workers: int,
+        latent_norm: tuple[np.ndarray, np.ndarray] | None = None,
+        manifest: dict | None = None,
+    ):
         self.info = info
         self.records = records
         self.flip = flip
-        self.latent_scale = latent_scale
         self.num_workers = num_workers
+        self.latent_norm = latent_norm  # (shift_C, scale_C) of a latent directory
+        self.manifest = manifest  # a latent directory's manifest (its VAE, statistics, shards)
 
     def fingerprint(self, samples: int = 32) -> dict[str, Any]:
         """What identifies this data: its name, size, shape and a hash of `samples` evenly spaced
@@ -167,7 +190,7 @@ class ImageDataset:
                 "sample_sha256": digest.hexdigest()[:16]}  # fmt: skip
 
     def images(self, limit: int | None = None, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """All examples as arrays (uint8 NHWC for pixels, float for latents; int32 labels), or
+        """All examples as arrays (uint8 NHWC; latents: their moments), int32 labels, or
         `limit` of them: the first ones, or a seeded random subset when `seed` is given."""
         n = self.info.num_examples
         indices = np.arange(n)
@@ -219,7 +242,7 @@ class ImageDataset:
         if repeat:
             batches = batches.repeat()
         load = _LoadBatch(
-            self.records, process_index * local, (process_index + 1) * local, seed, self.flip, self.latent_scale
+            self.records, process_index * local, (process_index + 1) * local, seed, self.flip, self.latent_norm
         )
         batches = batches.map_with_index(load)
         fingerprint = {
@@ -237,21 +260,13 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "eval"]) -> ImageData
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
     spec = get_spec(cfg.name)
+    if cfg.source is not None and detect_source(cfg.source) == "latents":
+        return _latent_dataset(cfg, split)
+    if cfg.vae is not None:
+        raise UserError("data.vae names the VAE of a latent directory, but data.source is not one.")
     image_size = cfg.image_size or spec.image_size
     splits, class_names = load_splits(spec, cfg.source, image_size)
-    if spec.train_split not in splits:
-        raise UserError(
-            f"The source of {spec.name!r} has splits {', '.join(splits)} but no {spec.train_split!r} split."
-        )
-    records = splits[spec.train_split]
-    eval_split = next((s for s in (spec.eval_split, "test") if s in splits), None)
-    if eval_split is not None:
-        records = records if split == "train" else splits[eval_split]
-    else:
-        train_indices, eval_indices = _held_out(len(records), cfg.eval_fraction)
-        records = records.select(train_indices if split == "train" else eval_indices)
-    if split == "train" and cfg.max_examples is not None:
-        records = records.select(np.arange(min(cfg.max_examples, len(records))))
+    records = pick_split(splits, spec, cfg, split)
     if isinstance(records, HFRecords):  # every image decoded once here, before any training step
         records, unreadable = records.decode_all() if spec.in_memory else records.readable()
         if unreadable:
@@ -269,10 +284,61 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "eval"]) -> ImageData
         image_shape=(image_size, image_size, spec.channels),
         num_classes=spec.num_classes,
         class_names=class_names,
-        is_latent=spec.is_latent,
+        is_latent=False,
     )
     flip = spec.flip and cfg.flip and split == "train"
-    return ImageDataset(info, records, flip, spec.latent_scale if spec.is_latent else None, cfg.num_workers)
+    return ImageDataset(info, records, flip, cfg.num_workers)
+
+
+def pick_split(splits: dict[str, Records], spec, cfg: DataConfig, split: str) -> Records:
+    """The records of `split`: the train split, or the eval one (the spec's eval split, else "test",
+    else a held-out slice of train); max_examples applies to train."""
+    if spec.train_split not in splits:
+        raise UserError(
+            f"The source of {spec.name!r} has splits {', '.join(splits)} but no {spec.train_split!r} split."
+        )
+    records = splits[spec.train_split]
+    eval_split = next((s for s in (spec.eval_split, "test") if s in splits), None)
+    if eval_split is not None:
+        records = records if split == "train" else splits[eval_split]
+    else:
+        train_indices, eval_indices = _held_out(len(records), cfg.eval_fraction)
+        records = records.select(train_indices if split == "train" else eval_indices)
+    if split == "train" and cfg.max_examples is not None:
+        records = records.select(np.arange(min(cfg.max_examples, len(records))))
+    return records
+
+
+def _latent_dataset(cfg: DataConfig, split: str) -> ImageDataset:
+    """A split of a latent directory: streamed from its shards; the eval split is a held-out slice
+    (a directory holds one encoded split; point another run at the encoded test split if wanted)."""
+    spec = get_spec(cfg.name)
+    manifest = read_manifest(cfg.source)
+    if cfg.image_size is not None:
+        raise UserError("data.image_size cannot resize latents: encode the images at another --resolution.")
+    if spec.num_classes != manifest["num_classes"]:
+        raise UserError(
+            f"The latents in {cfg.source} have {manifest['num_classes']} classes but dataset {spec.name!r} has "
+            f"{spec.num_classes}: set --data.name to the dataset they were encoded from ({manifest['dataset']!r})."
+        )
+    records = LatentRecords(cfg.source, manifest)
+    train_indices, eval_indices = _held_out(len(records), cfg.eval_fraction)
+    records = records.select(train_indices if split == "train" else eval_indices)
+    if split == "train" and cfg.max_examples is not None:
+        records = records.select(np.arange(min(cfg.max_examples, len(records))))
+    shift, scale = latent_normalization(manifest, cfg.latent_norm)
+    info = DatasetInfo(
+        name=spec.name,
+        num_examples=len(records),
+        image_shape=tuple(manifest["latent_shape"]),
+        num_classes=manifest["num_classes"],
+        class_names=tuple(manifest["class_names"]) if manifest.get("class_names") else spec.class_names,
+        is_latent=True,
+    )
+    # A flip picks the encoding of the mirrored image, where the directory holds one.
+    flip = spec.flip and cfg.flip and split == "train" and manifest["variants"] == 2
+    norm = (np.asarray(shift, np.float32), np.asarray(scale, np.float32))
+    return ImageDataset(info, records, flip, cfg.num_workers, latent_norm=norm, manifest=manifest)
 
 
 def _held_out(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:

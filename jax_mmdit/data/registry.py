@@ -12,14 +12,13 @@ class DatasetSpec:
     """Where a dataset lives and how its images become model inputs."""
 
     name: str
-    # Hugging Face hub id; None where no public copy exists (precomputed latents): then a local
-    # source must be given.
+    # Hugging Face hub id; None where no public copy exists: then a local source must be given.
     hub_id: str | None
     # Number of classes; 0 = unconditional (labels are then all 0).
     num_classes: int
     # Square side length the model sees; images are resized + center-cropped to it.
     image_size: int
-    # 1 = grayscale, 3 = RGB; latents: their channel count.
+    # 1 = grayscale, 3 = RGB.
     channels: int
     # Column names in the hub / save_to_disk / parquet copies (imagefolder always uses image/label).
     image_column: str = "image"
@@ -40,30 +39,20 @@ class DatasetSpec:
     # True: decode every image once into a uint8 array (small datasets: fastest batches);
     # False: keep the Arrow table and decode per batch (datasets too big for memory).
     in_memory: bool = True
-    # Precomputed VAE latents: stored as floats, not [0, 255] pixels, so no [-1, 1] scaling.
-    is_latent: bool = False
-    # Latents are multiplied by this to reach ~unit variance (SD VAE: 0.18215).
-    latent_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_classes < 0:
             raise UserError(f"Dataset {self.name!r}: num_classes must be >= 0, got {self.num_classes}.")
         if self.image_size <= 0:
             raise UserError(f"Dataset {self.name!r}: image_size must be positive, got {self.image_size}.")
-        if not self.is_latent and self.channels not in (1, 3):
+        if self.channels not in (1, 3):
             raise UserError(f"Dataset {self.name!r}: image channels must be 1 or 3, got {self.channels}.")
-        if self.is_latent and self.channels <= 0:
-            raise UserError(f"Dataset {self.name!r}: latent channels must be positive, got {self.channels}.")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise UserError(
                 f"Dataset {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes."
             )
         if self.num_classes > 0 and self.label_column is None:
             raise UserError(f"Dataset {self.name!r}: num_classes > 0 needs a label_column.")
-        if self.latent_scale <= 0:
-            raise UserError(f"Dataset {self.name!r}: latent_scale must be positive, got {self.latent_scale}.")
-        if self.is_latent and self.flip:
-            raise UserError(f"Dataset {self.name!r}: latents cannot be flipped (the VAE is not mirror-equivariant).")
 
 
 FASHION_MNIST_CLASSES = (
@@ -144,18 +133,15 @@ DATASETS: dict[str, DatasetSpec] = {
             in_memory=False,
         ),
         DatasetSpec(
-            # SD-VAE latents of 256x256 ImageNet, precomputed offline into an .npz
-            # (arrays `latents` NHWC float and `labels`).
+            # ILSVRC-2012 from a local copy: the train folder with one sub-folder per synset (an image
+            # folder), the hub copy is gated. Latent diffusion encodes it first (`mmdit encode`).
             name="imagenet",
-            hub_id=None,
+            hub_id="ILSVRC/imagenet-1k",
             num_classes=1000,
-            image_size=32,
-            channels=4,
-            native_shape=(32, 32, 4),
-            flip=False,
-            eval_split=None,
-            is_latent=True,
-            latent_scale=0.18215,
+            image_size=256,
+            channels=3,
+            eval_split="validation",
+            in_memory=False,
         ),
     )
 }

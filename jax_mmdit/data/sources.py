@@ -1,9 +1,10 @@
 """Raw data from wherever it lives: the hub, save_to_disk, parquet, an image folder, IDX files, .npz.
 
 Every source ends as a dict `split name -> records`, where records are either `ArrayRecords` (a
-uint8 or latent array in memory) or `HFRecords` (an Arrow-backed `datasets.Dataset`, decoded per
-read). Both answer `len`, `select(indices)` and `read(indices) -> (images_NxHxWxC, labels_N)`, with
-images already at the target size and channel count.
+uint8 array in memory) or `HFRecords` (an Arrow-backed `datasets.Dataset`, decoded per read). Both
+answer `len`, `select(indices)` and `read(indices) -> (images_NxHxWxC, labels_N)`, with images
+already at the target size and channel count. (Latent directories, written by `mmdit encode`, have
+their own records: `jax_mmdit.data.latents`.)
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import datasets
 import numpy as np
 from PIL import Image, ImageOps
 
+from jax_mmdit.data.latents import is_latent_dir
 from jax_mmdit.data.registry import DatasetSpec
 from jax_mmdit.errors import UserError
 
-SourceKind = Literal["hub", "disk", "parquet", "imagefolder", "idx", "npz"]
+SourceKind = Literal["hub", "disk", "parquet", "imagefolder", "idx", "npz", "latents"]
 
 # IDX file-name prefixes (MNIST convention) -> split names.
 _IDX_SPLITS = {"train": "train", "t10k": "test", "test": "test"}
@@ -36,7 +38,7 @@ class DatasetUnavailableError(UserError):
 
 @dataclass(frozen=True)
 class ArrayRecords:
-    """Examples held in memory: images uint8 NHWC at the target size (latents: float), labels int32."""
+    """Examples held in memory: images uint8 NHWC at the target size, labels int32."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -70,6 +72,9 @@ class HFRecords:
     labels: np.ndarray
     image_size: int
     channels: int
+    # How an image reaches image_size²: "fit" = center-crop the short side then resize (Pillow's
+    # ImageOps.fit); "adm" = ADM/DiT's center_crop_arr (box-halve, resize the short side, crop).
+    crop: Literal["fit", "adm"] = "fit"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,8 +84,27 @@ class HFRecords:
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         encoded = self.dataset[[int(i) for i in indices]][self.image_column]
-        images = np.stack([fit_image(_open(value), self.image_size, self.channels) for value in encoded])
+        images = np.stack([self._fit(open_image(value)) for value in encoded])
         return images, self.labels[indices]
+
+    def read_each(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Like `read`, but an image that cannot be decoded is left out: (images, labels, names of the
+        left-out ones with the reason)."""
+        encoded = self.dataset[[int(i) for i in indices]][self.image_column]
+        images, keep, bad = [], [], []
+        for j, value in enumerate(encoded):
+            try:
+                images.append(self._fit(open_image(value)))
+                keep.append(j)
+            except IMAGE_ERRORS as e:
+                bad.append(f"{image_name(value, int(indices[j]))} ({error_reason(e)})")
+        shape = (0, self.image_size, self.image_size, self.channels)
+        return (np.stack(images) if images else np.zeros(shape, np.uint8)), self.labels[indices][keep], bad
+
+    def _fit(self, image: Image.Image) -> np.ndarray:
+        if self.crop == "adm":
+            return center_crop_arr(image, self.image_size, self.channels)
+        return fit_image(image, self.image_size, self.channels)
 
     def decode_all(self, chunk: int = 1024) -> tuple[ArrayRecords, list[str]]:
         """Decode every image once (small datasets): batches then need no Pillow at all. Returns the
@@ -90,10 +114,10 @@ class HFRecords:
         for start, rows in zip(range(0, len(self), chunk), self.dataset.iter(batch_size=chunk)):
             for i, value in enumerate(rows[self.image_column]):
                 try:
-                    images[start + i] = fit_image(_open(value), self.image_size, self.channels)
+                    images[start + i] = self._fit(open_image(value))
                 except IMAGE_ERRORS as e:
                     good[start + i] = False
-                    bad.append(f"{_name(value, start + i)} ({_reason(e)})")
+                    bad.append(f"{image_name(value, start + i)} ({error_reason(e)})")
         return ArrayRecords(images[good], self.labels[good]), bad
 
     def readable(self, chunk: int = 1024) -> tuple[HFRecords, list[str]]:
@@ -102,10 +126,10 @@ class HFRecords:
         for start, rows in zip(range(0, len(self), chunk), self.dataset.iter(batch_size=chunk)):
             for i, value in enumerate(rows[self.image_column]):
                 try:
-                    fit_image(_open(value), self.image_size, self.channels)
+                    self._fit(open_image(value))
                     good.append(start + i)
                 except IMAGE_ERRORS as e:
-                    bad.append(f"{_name(value, start + i)} ({_reason(e)})")
+                    bad.append(f"{image_name(value, start + i)} ({error_reason(e)})")
         return (self if not bad else self.select(np.asarray(good, np.int64))), bad
 
 
@@ -113,11 +137,13 @@ class HFRecords:
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def _name(value: dict, index: int) -> str:
+def image_name(value: dict, index: int) -> str:
+    """How to name an undecoded image in a message: its file path, else its record index."""
     return value.get("path") or f"record {index}"
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
+    """An exception's first line, short enough for a one-line message."""
     return (str(e).splitlines() or [type(e).__name__])[0][:120]
 
 
@@ -135,7 +161,21 @@ def fit_image(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return array[..., None] if channels == 1 else array
 
 
-def _open(value: dict) -> Image.Image:
+def center_crop_arr(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """ADM's preprocessing (guided-diffusion, used by DiT): halve with a box filter while the short
+    side is at least 2·size, resize the short side to `size` (bicubic), then center-crop."""
+    image.draft("L" if channels == 1 else "RGB", (size, size))
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.Resampling.BICUBIC)
+    array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    array = array[top : top + size, left : left + size]
+    return array[..., None] if channels == 1 else array
+
+
+def open_image(value: dict) -> Image.Image:
     """An undecoded `datasets.Image` value ({"bytes", "path"}) -> a lazily decoded Pillow image."""
     return Image.open(io.BytesIO(value["bytes"]) if value["bytes"] is not None else value["path"])
 
@@ -151,6 +191,8 @@ def detect_source(source: str) -> SourceKind:
         raise UserError(f"Data source file {source!r} is neither .npz nor .parquet.")
     if os.path.isdir(path):
         names = os.listdir(path)
+        if is_latent_dir(path):
+            return "latents"
         if "dataset_dict.json" in names or "state.json" in names:
             return "disk"
         if any("-images-idx3-ubyte" in n for n in names):
@@ -174,19 +216,28 @@ def detect_source(source: str) -> SourceKind:
     return "hub"
 
 
-def load_splits(
-    spec: DatasetSpec, source: str | None, image_size: int
-) -> tuple[dict[str, Records], tuple[str, ...] | None]:
-    """All splits of `spec`'s data from `source` (None: local copy, else hub), plus class names.
-
-    Class names are the spec's when known, else the source's ClassLabel names, else None.
-    """
+def resolve_source(spec: DatasetSpec, source: str | None) -> str:
+    """`source`, or where `spec`'s data is found when none is given: its local copy, else its hub id."""
     if source is None:
         source = next((p for p in spec.local_paths if os.path.isdir(p)), spec.hub_id)
         if source is None:
             raise DatasetUnavailableError(_unavailable_message(spec, "it has no public hub copy"))
+    return source
+
+
+def load_splits(
+    spec: DatasetSpec, source: str | None, image_size: int, crop: Literal["fit", "adm"] = "fit"
+) -> tuple[dict[str, Records], tuple[str, ...] | None]:
+    """All splits of `spec`'s images from `source` (None: local copy, else hub), plus class names.
+
+    Class names are the spec's when known, else the source's ClassLabel names, else None. `crop`
+    is how decoded images (image folders, parquet, save_to_disk, the hub) reach image_size².
+    """
+    source = resolve_source(spec, source)
     kind = detect_source(source)
     path = os.path.expanduser(source)
+    if kind == "latents":
+        raise UserError(f"{source!r} holds latents (written by `mmdit encode`), not images.")
     if kind == "idx":
         splits = {
             name: _conform(spec, images, labels, image_size, source)
@@ -196,8 +247,6 @@ def load_splits(
     if kind == "npz":
         images, labels = _read_npz(spec, path)
         return {spec.train_split: _conform(spec, images, labels, image_size, source)}, spec.class_names
-    if spec.is_latent:
-        raise UserError(f"Dataset {spec.name!r} holds latents: pass an .npz source, not {kind} {source!r}.")
     if kind == "hub":
         hf = _load_hub(spec, source)
     elif kind == "disk":
@@ -208,7 +257,7 @@ def load_splits(
         hf = datasets.load_dataset("imagefolder", data_dir=path)
     if isinstance(hf, datasets.Dataset):  # save_to_disk of a single split
         hf = datasets.DatasetDict({spec.train_split: hf})
-    splits = {name: _hf_records(spec, ds, source, image_size) for name, ds in hf.items()}
+    splits = {name: _hf_records(spec, ds, source, image_size, crop) for name, ds in hf.items()}
     return splits, spec.class_names or _class_label_names(spec, next(iter(hf.values())))
 
 
@@ -218,7 +267,8 @@ def _unavailable_message(spec: DatasetSpec, why: str) -> str:
         f"Dataset {spec.name!r} is unavailable: {why}.{local} Alternatives without the hub: "
         "`apt-get install dataset-fashion-mnist` (Fashion-MNIST IDX files), or `--data.source PATH` "
         "pointing at a save_to_disk directory, parquet file(s), an image folder (one subfolder per "
-        "class), a directory of MNIST-format IDX files, or an .npz with `images`/`latents` and `labels`."
+        "class), a directory of MNIST-format IDX files, an .npz with `images` and `labels`, or a latent "
+        "directory written by `mmdit encode`."
     )
 
 
@@ -253,7 +303,7 @@ def _load_hub(spec: DatasetSpec, hub_id: str) -> datasets.DatasetDict:
         raise DatasetUnavailableError(_unavailable_message(spec, why)) from e
 
 
-def _hf_records(spec: DatasetSpec, ds: datasets.Dataset, source: str, image_size: int) -> HFRecords:
+def _hf_records(spec: DatasetSpec, ds: datasets.Dataset, source: str, image_size: int, crop: str) -> HFRecords:
     features = ds.features
     image_column = next(
         (c for c in (spec.image_column, "image") if isinstance(features.get(c), datasets.Image)),
@@ -272,7 +322,7 @@ def _hf_records(spec: DatasetSpec, ds: datasets.Dataset, source: str, image_size
             raise UserError(f"Labels in column {label_column!r} of {source!r} must be integers, got {labels.dtype}.")
         _check_labels(spec, labels, source)
     undecoded = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
-    return HFRecords(undecoded, image_column, labels.astype(np.int32), image_size, spec.channels)
+    return HFRecords(undecoded, image_column, labels.astype(np.int32), image_size, spec.channels, crop)
 
 
 def _class_label_names(spec: DatasetSpec, ds: datasets.Dataset) -> tuple[str, ...] | None:
@@ -310,17 +360,6 @@ def _conform(
         _check_labels(spec, labels, source)
     labels = labels.astype(np.int32)
     target = (image_size, image_size, spec.channels)
-    if spec.is_latent:
-        if images.shape[1:] != target:
-            raise UserError(f"Latents of {spec.name!r} must be NHWC {target}, got {images.shape[1:]}.")
-        finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
-        if not finite.all():
-            bad = np.flatnonzero(~finite)
-            raise UserError(
-                f"{len(bad)} of the {len(images)} latents in {source!r} hold NaN or inf (the first: index "
-                f"{', '.join(map(str, bad[:5]))}); re-encode them, or drop those rows."
-            )
-        return ArrayRecords(images, labels)
     if images.dtype != np.uint8:
         raise UserError(f"Image arrays must be uint8 in [0, 255], got {images.dtype}.")
     if images.shape[1:] != target:
@@ -337,14 +376,14 @@ def _read_npz(spec: DatasetSpec, path: str) -> tuple[np.ndarray, np.ndarray | No
         if isinstance(npz, np.ndarray):  # np.save's format under an .npz name
             raise UserError(f"{path} is a single .npy array, not an .npz archive (write it with np.savez).")
         with npz:
-            key = next((k for k in ("latents", "images") if k in npz.files), None)
-            if key is None:
-                raise UserError(f"{path} needs an array named 'images' or 'latents'; it has {', '.join(npz.files)}.")
-            return npz[key], npz["labels"] if "labels" in npz.files else None
+            if "images" not in npz.files:
+                hint = " (latents are a directory written by `mmdit encode`)" if "latents" in npz.files else ""
+                raise UserError(f"{path} needs an array named 'images'; it has {', '.join(npz.files)}{hint}.")
+            return npz["images"], npz["labels"] if "labels" in npz.files else None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         if isinstance(e, UserError):
             raise
-        raise UserError(f"{path} is not a readable .npz archive (truncated or corrupt?): {_reason(e)}") from None
+        raise UserError(f"{path} is not a readable .npz archive (truncated or corrupt?): {error_reason(e)}") from None
 
 
 def _read_idx(path: str) -> np.ndarray:

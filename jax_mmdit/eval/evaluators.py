@@ -60,6 +60,20 @@ def _note(message: str) -> None:
     print(f"[mmdit] {message}", file=sys.stderr, flush=True)
 
 
+def pixel_data(data_cfg, latent_data):
+    """The images a latent dataset was encoded from, at the encoded resolution: what a latent run's
+    decoded samples are judged against."""
+    from jax_mmdit.data.registry import get_spec
+
+    m = latent_data.manifest
+    if m["vae"]["config"]["out_channels"] != get_spec(data_cfg.name).channels:
+        raise UserError(
+            f"The VAE of these latents decodes {m['vae']['config']['out_channels']}-channel images but "
+            f"{data_cfg.name!r} has {get_spec(data_cfg.name).channels}: sample metrics cannot compare them."
+        )
+    return dataclasses.replace(data_cfg, source=m["source"], image_size=m["resolution"], vae=None, max_examples=None)
+
+
 class LossEvaluator:
     name = "loss"
 
@@ -80,11 +94,14 @@ class ClassifierEvaluator:
         from jax_mmdit.eval.classifier import default_classifier_dir, load_classifier, train_classifier
 
         self.cfg, self.every = cfg, every
-        train_data = train_data or build_dataset(data_cfg, "train")
         eval_data = eval_data or build_dataset(data_cfg, "eval")
+        if eval_data.info.is_latent:
+            data_cfg = pixel_data(data_cfg, eval_data)
+            train_data, eval_data = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "eval")
+        train_data = train_data or build_dataset(data_cfg, "train")
         info = eval_data.info
-        if info.is_latent or not info.num_classes:
-            raise UserError(f"The classifier evaluator needs labelled pixel images; {info.name!r} has none.")
+        if not info.num_classes:
+            raise UserError(f"The classifier evaluator needs labelled images; {info.name!r} has none.")
         path = cfg.path or default_classifier_dir(info.name, info.image_shape)
         if cfg.path is None and not (path / "classifier.json").is_file():
             import jax
@@ -148,6 +165,8 @@ class FidEvaluator:
             from jax_mmdit.data import build_dataset
 
             eval_data = eval_data or build_dataset(data_cfg, "eval")
+            if eval_data.info.is_latent:
+                eval_data = build_dataset(pixel_data(data_cfg, eval_data), "eval")
             protocol = {"dataset": eval_data.info.name, "split": "eval", "extractor": "inception-2015-12-05",
                         "resize": cfg.resize}  # fmt: skip
             self.ref, where = dataset_stats(eval_data, self.features, protocol)

@@ -12,15 +12,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
-def to_uint8(x_BxHxWxC: np.ndarray, is_latent: bool = False) -> np.ndarray:
-    """[-1, 1] images → uint8. Latents have no fixed range, so each is min-max scaled (a preview,
-    not a decode) and only the first 3 channels are kept."""
+def to_uint8(x_BxHxWxC: np.ndarray) -> np.ndarray:
+    """[-1, 1] images → uint8 (latents are decoded first: `jax_mmdit.vae.codec.LatentCodec`)."""
     x = np.asarray(x_BxHxWxC, np.float32)
-    if is_latent:
-        x = x[..., :3]
-        lo = x.min(axis=(1, 2, 3), keepdims=True)
-        hi = x.max(axis=(1, 2, 3), keepdims=True)
-        x = (x - lo) / np.maximum(hi - lo, 1e-6) * 2 - 1
     return np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
 
 

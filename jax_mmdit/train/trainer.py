@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from jax_mmdit.train.step import (
     make_train_step,
     split_model,
 )
+from jax_mmdit.vae.codec import RUN_LATENTS, SampleDecoder, latent_run_info, read_run_latent_info
 
 
 def _describe(fingerprint: dict) -> str:
@@ -96,7 +98,10 @@ class Trainer:
                     f"examples, fewer than one batch of {cfg.batch_size}: use a smaller --batch_size, "
                     "--n_eval_batches 0, or a larger --data.eval_fraction."
                 )
-        self.is_latent = bool(self.train_data.info.is_latent) if self.train_data else False
+        # A run on latents records which VAE decodes them and the normalisation to undo
+        # (run_dir/latents.json, written when training starts, read by `Trainer.load`).
+        self.latent_info = latent_run_info(self.train_data, cfg.data)
+        self.decoder = SampleDecoder(self.latent_info, cfg.data.vae)
         # What identifies the training data; saved with every checkpoint, compared on resume.
         self.data_fingerprint = self.train_data.fingerprint() if self.train_data else None
 
@@ -296,6 +301,8 @@ class Trainer:
         samples_dir = self.run_dir / "samples"
         if main:
             write_atomically(self.run_dir / "config.json", cfg.to_json())
+            if self.latent_info is not None:
+                write_atomically(self.run_dir / RUN_LATENTS, json.dumps(self.latent_info, indent=2))
             make_dirs(samples_dir, self.run_dir / "tb")
             msg = f"resumed from step {resumed}" if resumed is not None else "starting fresh"
             print(
@@ -415,6 +422,10 @@ class Trainer:
         it.close()
         return float(np.mean(jax.device_get(losses)))
 
+    @property
+    def is_latent(self) -> bool:
+        return self.latent_info is not None
+
     def ema_model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state.ema_params, self.rest)
 
@@ -467,8 +478,6 @@ class Trainer:
         sharded over the mesh's batch axes; batch i's noise comes from (seed, first_batch + i), so a
         seed and batch size give the same images whether drawn in one call or batch by batch. Pass
         `eval_batch_size(n)` for n images."""
-        if self.is_latent:
-            raise UserError("This run models latents: its samples need a VAE decoder to become images.")
         labels = np.asarray(labels, np.int32)
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         b = -(-batch_size // shards) * shards  # every batch this size (the last one padded): one compiled shape
@@ -482,7 +491,7 @@ class Trainer:
             y_B = jax.make_array_from_callback((b,), bsh, lambda idx, y=y: y[idx])
             x = flow_sample(model, draw(jax.random.fold_in(key, first_batch + i)), y_B, scfg)
             x = multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else jax.device_get(x)
-            out.append(imgs.to_uint8(x[: min(b, len(labels) - start)]))
+            out.append(self.decoder(x[: min(b, len(labels) - start)]))
         return np.concatenate(out)
 
     def write_samples(self, step: int, out_dir: Path, logger: MetricLogger | None = None) -> Path:
@@ -494,12 +503,12 @@ class Trainer:
         ncols = min(len(x), max(self.model_cfg.num_classes, 1), 10)
         grid = imgs.save_grid_png(
             out_dir / f"step_{step:07d}.png",
-            imgs.to_uint8(x, self.is_latent),
+            self.decoder(x),
             ncols,
             scale=2,
             captions=self.captions(labels),
         )
-        traj_u8 = np.stack([imgs.to_uint8(t, self.is_latent) for t in traj])
+        traj_u8 = self.decoder.trajectory(traj)
         imgs.save_trajectory_gif(out_dir / f"step_{step:07d}.gif", traj_u8, ncols)
         imgs.save_png(out_dir / f"step_{step:07d}_trajectory.png", imgs.trajectory_grid(traj_u8), scale=2)
         if logger is not None:
@@ -517,6 +526,8 @@ class Trainer:
         overrides.setdefault("mesh", dataclasses.asdict(MeshConfig()))
         cfg = TrainConfig.from_dict({**cfg_dict, "run_dir": str(run_dir), **overrides})
         trainer = cls(cfg, devices=devices, with_data=False, distributed=False)
+        trainer.latent_info = read_run_latent_info(run_dir)
+        trainer.decoder = SampleDecoder(trainer.latent_info, cfg.data.vae)
         trainer.checkpointer = Checkpointer(run_dir, read_only=True)
         if trainer.restore(step) is None:
             raise CheckpointError(f"No checkpoint found in {run_dir}.")
