@@ -108,6 +108,16 @@ def test_batches_are_fresh_posterior_samples_normalised_once(latents):
     np.testing.assert_allclose(x.mean((0, 1, 2)), 0, atol=0.5)  # "channel": each channel ~ N(0, 1)
 
 
+def test_worker_processes_stream_the_same_latent_batches(latents):
+    ds = build_dataset(DataConfig(name="fashion_mnist", source=str(latents)), "train")
+    with ds.iterator(8, seed=3, num_workers=0) as it:
+        expected = [next(it) for _ in range(3)]
+    with ds.iterator(8, seed=3, num_workers=2) as it:  # each worker opens the shards itself
+        for want in expected:
+            got = next(it)
+            assert np.array_equal(got["image"], want["image"]) and np.array_equal(got["label"], want["label"])
+
+
 def test_resume_after_kill_9_skips_done_shards(vae, latents, tmp_path):
     out = tmp_path / "killed"
     slow = (  # the VAE made slow so the kill lands in the middle of the second shard
