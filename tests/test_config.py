@@ -102,3 +102,15 @@ def test_attention_is_a_backend_choice_of_the_run_and_old_saved_configs_migrate(
     old["model"]["attention"] = old.pop("attention")
     old["model"]["attention"] = "xla"
     assert TrainConfig.from_dict(old).attention == "xla"
+
+
+def test_a_moved_vae_may_change_on_resume_but_not_the_latents():
+    import dataclasses
+
+    from jax_mmdit.config import config_differences, get_config
+
+    saved = get_config("fashion_mnist_latents")
+    moved = dataclasses.replace(saved, data=dataclasses.replace(saved.data, vae="elsewhere/vae"))
+    assert config_differences(saved.to_dict(), moved) == []  # the VAE is checked by its weights' hash
+    other = dataclasses.replace(saved, data=dataclasses.replace(saved.data, source="other/latents"))
+    assert config_differences(saved.to_dict(), other) == ["data.source: './latents/fashion_mnist' -> 'other/latents'"]
