@@ -281,6 +281,31 @@ class Checkpointer:
             )
         return None
 
+    def restore_ema(self, abstract_ema) -> tuple[int, Any]:
+        """(step, EMA weights) of the newest verified, finite step: only the `ema_params` of its
+        state are read (a partial restore, no optimizer state in memory), onto `abstract_ema`'s
+        shardings. For starting another run from this one's weights."""
+        item = {"ema_params": abstract_ema}
+        why = []
+        for s in reversed(self.steps()):
+            reason = verify_manifest(self.step_dir(s))
+            if reason is None:
+                args = ocp.args.PyTreeRestore(
+                    item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+                )
+                try:
+                    ema = self.manager.restore(s, args=ocp.args.Composite(state=args))["state"]["ema_params"]
+                except Exception as e:
+                    raise CheckpointError(
+                        f"The weights of checkpoint step {s} in {self.directory} do not fit the model: {_first_line(e)}"
+                    ) from e
+                if all_finite(ema):
+                    return s, ema
+                reason = "its weights hold NaN or inf"
+            _warn(f"checkpoint step {s} is unusable ({reason}); trying the one before it.")
+            why.append(f"step {s}: {reason}")
+        raise CheckpointError(f"No usable checkpoint in {self.directory}" + (f" ({'; '.join(why)})." if why else "."))
+
     def _restore_arrays(self, step: int, abstract_state, data_iterator):
         """(state, None) or (None, why the step is corrupt); raises if it is incompatible."""
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}

@@ -1,5 +1,5 @@
-"""The `mmdit` command: train, sample, eval, fid-stats, train-classifier, train-vae, encode, profile,
-info, datasets.
+"""The `mmdit` command: train, sample, eval, fid-stats, train-classifier, train-vae, encode, convert,
+profile, info, datasets.
 
 mmdit train --config fashion_mnist --optim.learning_rate 1e-3 --mesh.fsdp 2
 mmdit encode --vae sd-vae-ft-ema --dataset imagenet --source ~/ILSVRC/train --out latents/imagenet256
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from jax_mmdit import runtime
 
-USAGE = """usage: mmdit {train,sample,eval,fid-stats,train-classifier,train-vae,encode,profile,info,datasets} [options]
+USAGE = """usage: mmdit COMMAND [options]
 
   train             train a model (typed config; any field can be overridden, see `mmdit train --help`)
   sample            draw images from a trained run (PNG grid, GIF or an .npz)
@@ -29,6 +29,7 @@ USAGE = """usage: mmdit {train,sample,eval,fid-stats,train-classifier,train-vae,
   train-classifier  train a dataset's small evaluation CNN (the offline metric)
   train-vae         train a small VAE on a dataset (a diffusers-format directory, for `encode`)
   encode            images -> VAE latent shards, for latent diffusion (`train --data.source DIR`)
+  convert           a published DiT/SiT/SD3 checkpoint -> a run directory (sample it, --init_from it)
   profile           a few training steps: FLOPs per step, FLOP/s, MFU, memory, a jax.profiler trace
   info              parameter count and forward GFLOPs of a model preset
   datasets          list the named datasets
@@ -37,18 +38,23 @@ latent diffusion: a VAE (a published diffusers directory, or `mmdit train-vae`),
   mmdit encode --vae VAE --dataset NAME --source IMAGES --resolution 256 --out LATENTS
   mmdit train --config PRESET --data.source LATENTS
   mmdit sample --run RUN --out samples.png            (decoded with the run's VAE)
+
+published weights: convert, sample, fine-tune (a new class count or image size is allowed)
+  mmdit convert --from dit DiT-XL-2-256x256.pt --vae VAE --out runs/dit-xl2
+  mmdit sample --run runs/dit-xl2 --class 207 360 --out samples.png
+  mmdit train --config runs/dit-xl2 --init_from runs/dit-xl2 --data.source LATENTS --run_dir runs/ft
 """
 
 
 def _parse_train_config(argv: list[str], prog: str):
     import tyro
 
-    from jax_mmdit.config import PRESETS, get_config
+    from jax_mmdit.config import PRESETS
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default="fashion_mnist", help=f"preset: {sorted(PRESETS)}")
+    pre.add_argument("--config", default="fashion_mnist", help=f"preset {sorted(PRESETS)} or a run directory")
     known, rest = pre.parse_known_args(argv)
-    base = get_config(known.config)
+    base = _base_config(known.config)
     return tyro.cli(
         type(base),
         default=base,
@@ -57,6 +63,20 @@ def _parse_train_config(argv: list[str], prog: str):
         use_underscores=True,
         description=f"Train (preset {known.config!r}; every field overridable).",
     )
+
+
+def _base_config(name: str):
+    """A preset by name, or the config of a run directory (`mmdit convert`'s, or any run's)."""
+    from jax_mmdit.config import PRESETS, TrainConfig, get_config
+    from jax_mmdit.errors import UserError
+
+    if name in PRESETS or not (Path(name).expanduser() / "config.json").is_file():
+        return get_config(name)
+    path = Path(name).expanduser() / "config.json"
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        raise UserError(f"Cannot read the run's config {path}: {e}.") from None
 
 
 def cmd_train(argv: list[str], prog="mmdit train") -> int:
@@ -102,7 +122,10 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--num", type=int, default=None, help="number of images (labels cycle over classes)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--steps", type=int, default=None, help="sampling steps")
-    p.add_argument("--method", choices=["euler", "heun"], default=None)
+    p.add_argument("--method", choices=["euler", "heun", "ddpm", "ddim"], default=None,
+                   help="euler/heun for flow runs, ddpm/ddim for DDPM ones (converted DiT)")  # fmt: skip
+    p.add_argument("--cfg_channels", type=int, default=None,
+                   help="guide only the first k channels (DiT/SiT's reported FIDs used 3)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256, help="images per sampling call")
     p.add_argument("--out", default="samples.png", help=".png (grid), .gif (trajectory) or .npz (uint8 + labels)")
@@ -113,6 +136,7 @@ def cmd_sample(argv: list[str]) -> int:
 
     from jax_mmdit.errors import UserError
     from jax_mmdit.eval import images as imgs
+    from jax_mmdit.flow import check_sampler_fits
     from jax_mmdit.train.trainer import Trainer
 
     run, step = a.run, None
@@ -127,8 +151,15 @@ def cmd_sample(argv: list[str]) -> int:
     trainer = Trainer.load(run, step)
     if a.vae:
         trainer.decoder.use_vae(a.vae)
-    overrides = {k: v for k, v in (("cfg_scale", a.cfg), ("num_steps", a.steps), ("method", a.method)) if v is not None}
+    if trainer.model_cfg.context_dim > 0:
+        raise UserError(
+            "This run is text-conditioned (an SD3-style MMDiT): sampling it needs prompts encoded by its text "
+            "encoders, which `mmdit sample` cannot do yet."
+        )
+    pairs = (("cfg_scale", a.cfg), ("num_steps", a.steps), ("method", a.method), ("cfg_channels", a.cfg_channels))
+    overrides = {k: v for k, v in pairs if v is not None}
     scfg = dataclasses.replace(trainer.cfg.sampler, **overrides)
+    check_sampler_fits(trainer.cfg.flow, scfg)
     n_cls = trainer.model_cfg.num_classes
     labels = trainer.sample_labels(a.num or len(a.labels or ()) or n_cls or 16, a.labels)
     if out.suffix == ".gif":
@@ -230,6 +261,12 @@ def _vae_command(module: str, name: str):
     return run
 
 
+def _convert(argv: list[str]) -> int:
+    from jax_mmdit.train.convert import cmd_convert
+
+    return cmd_convert(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -238,6 +275,7 @@ COMMANDS = {
     "train-classifier": _eval_command("cmd_train_classifier"),
     "train-vae": _vae_command("train", "cmd_train_vae"),
     "encode": _vae_command("encode", "cmd_encode"),
+    "convert": _convert,
     "profile": cmd_profile,
     "info": cmd_info,
     "datasets": cmd_datasets,

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 from jax_mmdit.data.config import DataConfig
 from jax_mmdit.errors import UserError
 from jax_mmdit.eval.config import ClassifierEvalConfig, EvalConfig
-from jax_mmdit.flow.config import FlowConfig, SamplerConfig
+from jax_mmdit.flow.config import FlowConfig, SamplerConfig, check_sampler_fits
 from jax_mmdit.models.config import ModelConfig
 from jax_mmdit.ops import ATTENTIONS, Attention, Kernels
 
@@ -82,6 +82,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     run_dir: str = "runs/default"  # checkpoints, TensorBoard events, samples; resumes if present
+    # A run directory (e.g. written by `mmdit convert`) whose EMA weights start this run when it
+    # starts fresh: fine-tuning, with a fresh optimizer (train/init_from.py: what may differ).
+    init_from: str | None = None
     seed: int = 0
     batch_size: int = 128  # global batch (all devices, all hosts, all micro-batches)
     n_epochs: float = 1.0  # training length in passes over the data, unless max_steps is set
@@ -127,6 +130,9 @@ class TrainConfig:
             raise UserError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}.")
         if self.attention == "cudnn" and self.precision == "fp32":
             raise UserError("attention='cudnn' runs in bf16 or fp16: set --precision bf16 (or fp16).")
+        check_sampler_fits(self.flow, self.sampler)
+        if self.init_from is not None and not self.init_from.strip():
+            raise UserError("init_from must be a run directory, not an empty string.")
         if self.max_steps is None and self.n_epochs <= 0:
             raise UserError(f"n_epochs must be > 0, got {self.n_epochs}.")
         if self.max_steps is not None and self.max_steps <= 0:

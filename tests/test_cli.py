@@ -239,3 +239,44 @@ def test_latent_diffusion_chain_train_vae_encode_train_sample(tmp_path):
     assert d["images"].shape == (4, 16, 16, 1) and d["images"].dtype == np.uint8 and d["images"].std() > 0
     r = mmdit("sample", "--run", str(run), "--vae", str(ROOT / "tests"), "--out", str(tmp_path / "t.png"))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no config.json" in r.stderr, r.stderr[-2000:]
+
+
+def test_published_weights_convert_sample_fine_tune(tmp_path):
+    """A diffusers DiT directory (random weights, 7 classes at 14x14) -> `mmdit convert` -> `mmdit
+    sample` -> `mmdit train --init_from` fine-tunes it on Fashion-MNIST (10 classes, 28x28); a
+    pickle with a payload is refused in one line."""
+    import pickle
+
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    dit, run, ft = tmp_path / "dit", tmp_path / "run", tmp_path / "ft"
+    torch.manual_seed(0)
+    ref = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=2,
+                                num_layers=2, sample_size=14, patch_size=7, num_embeds_ada_norm=7,
+                                norm_eps=1e-6)  # fmt: skip
+    blocks = ref.transformer_blocks  # one shared embedder, as in DiT's published weights
+    blocks[1].norm1.emb.load_state_dict(blocks[0].norm1.emb.state_dict())
+    ref.save_pretrained(dit)
+    r = mmdit("convert", "--from", "diffusers-dit", str(dit), "--out", str(run))
+    assert r.returncode == 0 and "objective ddpm" in r.stdout, r.stderr[-3000:]
+    r = mmdit("sample", "--run", str(run), "--num", "3", "--steps", "4", "--out", str(tmp_path / "s.npz"))
+    assert r.returncode == 0 and "4 ddpm steps" in r.stdout, r.stderr[-3000:]
+    assert np.load(tmp_path / "s.npz")["images"].shape == (3, 14, 14, 1)
+
+    r = mmdit("train", "--config", str(run), "--init_from", str(run), "--data.name", "fashion_mnist",
+              "--data.max_examples", "128", "--model.num_classes", "10", "--model.image_size", "28",
+              "--batch_size", "16", "--n_eval_batches", "1", "--sampler.num_steps", "3", "--num_sample_images",
+              "2", "--max_steps", "3", "--eval_save_steps", "3", "--run_dir", str(ft))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"initialised from {run}" in r.stdout and "re-initialised for 10 classes (was 7)" in r.stdout, r.stdout
+    assert (ft / "checkpoints" / "3").is_dir() and (ft / "samples" / "step_0000003.png").is_file()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'owned'}",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": Payload()}, protocol=2))  # torch.save's protocol
+    r = mmdit("convert", "--from", "dit", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "evil"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not loaded" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "owned").exists() and not (tmp_path / "evil").exists()

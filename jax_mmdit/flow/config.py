@@ -1,4 +1,4 @@
-"""Configs for Rectified Flow training (FlowConfig) and sampling (SamplerConfig)."""
+"""Configs for training (FlowConfig: the objective and how it picks t) and sampling (SamplerConfig)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ from typing import Literal, get_args
 from jax_mmdit.errors import UserError
 
 TimestepSampling = Literal["uniform", "logit_normal", "mode"]
-SamplerMethod = Literal["euler", "heun"]
+SamplerMethod = Literal["euler", "heun", "ddpm", "ddim"]
+# "rectified_flow": ours, x_t = (1 - t) x + t eps, the model predicts eps - x at t (t = 1 is noise).
+# "sit": SiT's linear interpolant, the same path in reversed time: the model sees 1 - t and predicts
+#   x - eps (published SiT weights). "ddpm": DiT's objective, eps prediction (+ learned variance with
+#   learn_sigma) under a discrete-time DDPM schedule (published DiT weights).
+Objective = Literal["rectified_flow", "sit", "ddpm"]
 TIMESTEP_SAMPLINGS = get_args(TimestepSampling)
 SAMPLER_METHODS = get_args(SamplerMethod)
+OBJECTIVES = get_args(Objective)
+# Which samplers integrate which objective: the ODE samplers need a velocity, ddpm/ddim an eps model.
+FLOW_METHODS = ("euler", "heun")
+DDPM_METHODS = ("ddpm", "ddim")
 
 # Mode sampling's density stays positive (the map u -> t monotone) only for -1 <= s <= 2/(pi-2)
 # (SD3 paper, Sec. 3.1).
@@ -26,8 +35,11 @@ def _check_shift(shift: float) -> None:
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """How training picks t, and how labels are dropped for classifier-free guidance."""
+    """The training objective, how it picks t, and how labels are dropped for classifier-free guidance."""
 
+    # What the model predicts and along which path (see `Objective` above); a converted checkpoint
+    # carries the one it was trained with.
+    objective: Objective = "rectified_flow"
     # Which t the model sees most: SD3 found logit-normal(0, 1) best among the schedules it tried.
     timestep_sampling: TimestepSampling = "logit_normal"
     # Location of logit(t); > 0 puts more training on noisier t.
@@ -43,8 +55,20 @@ class FlowConfig:
     label_dropout: float = 0.1
     # Number of equal bins of t in [0, 1] for the per-t loss logged in aux.
     num_loss_bins: int = 10
+    # ddpm only: discrete timesteps T and the linear beta schedule (DiT: 1000, 1e-4 .. 0.02). A
+    # training t in [0, 1] (drawn as above; "uniform" is DiT's) becomes timestep floor(t * T).
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+        T = self.num_train_timesteps
+        if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+            raise UserError(f"num_train_timesteps must be an int >= 2, got {T!r}.")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise UserError(f"Need 0 < beta_start < beta_end < 1, got {self.beta_start} and {self.beta_end}.")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise UserError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {self.timestep_sampling!r}.")
         if not math.isfinite(self.logit_mean):
@@ -65,9 +89,11 @@ class FlowConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """How to integrate the learned ODE from noise (t=1) to data (t=0)."""
+    """How to go from noise (t=1) to data (t=0)."""
 
-    # "euler": 1 model call per step; "heun": 2nd order, 2 calls per step (one fewer in total).
+    # Flow objectives: "euler" (1 model call per step) or "heun" (2nd order, 2 calls per step) on the
+    # ODE. ddpm: "ddpm" (ancestral, with the learned variance) or "ddim" (deterministic, eta 0), on
+    # num_steps of the T training timesteps, evenly spaced as DiT respaces them.
     method: SamplerMethod = "euler"
     # Number of steps of the 1 -> 0 time grid.
     num_steps: int = 50
@@ -77,6 +103,9 @@ class SamplerConfig:
     cfg_interval: tuple[float, float] | None = None
     # Same resolution time shift as FlowConfig.shift, applied to the time grid. 1.0 = none.
     shift: float = 1.0
+    # Guide only the first k channels of the prediction (the rest: conditional). None = all of
+    # them, the standard; DiT's and SiT's reported FIDs used 3 (of 4 latent channels).
+    cfg_channels: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SAMPLER_METHODS:
@@ -95,3 +124,23 @@ class SamplerConfig:
             # A tuple keeps the config hashable: it is a static argument of the jitted sampler.
             object.__setattr__(self, "cfg_interval", (lo, hi))
         _check_shift(self.shift)
+        if self.cfg_channels is not None and (isinstance(self.cfg_channels, bool) or self.cfg_channels < 1):
+            raise UserError(f"cfg_channels must be None (all) or an int >= 1, got {self.cfg_channels!r}.")
+        if self.method in DDPM_METHODS and self.num_steps < 2:
+            raise UserError(f"{self.method!r} sampling needs num_steps >= 2, got {self.num_steps}.")
+        if self.method in DDPM_METHODS and self.shift != 1.0:
+            raise UserError(f"shift is a flow-sampler option; {self.method!r} steps the DDPM schedule (use 1.0).")
+
+
+def check_sampler_fits(flow: FlowConfig, sampler: SamplerConfig) -> None:
+    """The sampler must integrate what the objective's model predicts."""
+    ddpm = flow.objective == "ddpm"
+    if ddpm and sampler.method not in DDPM_METHODS:
+        raise UserError(
+            f"sampler.method {sampler.method!r} integrates a velocity; a ddpm model samples with 'ddpm' or 'ddim'."
+        )
+    if not ddpm and sampler.method in DDPM_METHODS:
+        raise UserError(
+            f"sampler.method {sampler.method!r} needs objective 'ddpm'; the {flow.objective!r} objective samples "
+            "with 'euler' or 'heun'."
+        )

@@ -90,6 +90,20 @@ def is_conditional(null_class: int | None) -> bool:
     return null_class is not None and null_class > 0
 
 
+def loss_bins(t_B: jax.Array, loss_B: jax.Array, num_bins: int) -> dict[str, jax.Array]:
+    """Per-sample losses summed (and counted) in equal bins of t in [0, 1]: the loss's aux."""
+    bin_B = jnp.clip(jnp.floor(t_B * num_bins).astype(jnp.int32), 0, num_bins - 1)
+    return {
+        "loss_bin_sum": jnp.zeros((num_bins,), jnp.float32).at[bin_B].add(jax.lax.stop_gradient(loss_B)),
+        "loss_bin_count": jnp.zeros((num_bins,), jnp.float32).at[bin_B].add(1.0),
+    }
+
+
+def sit_model(model: Callable) -> Callable:
+    """A model trained with SiT's convention (time 1 - t, predicting x - eps) as one of ours."""
+    return lambda x, t_B, y_B: -model(x, 1.0 - t_B, y_B)
+
+
 def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None) -> LossFn:
     """Returns loss_fn(model, x_BxHxWxC, y_B, rng) -> (loss, aux) for nnx.value_and_grad(has_aux=True).
 
@@ -98,11 +112,18 @@ def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None) -> LossFn:
     per-sample MSE, computed in fp32. aux holds, per equal-width bin of t, the sum of per-sample MSEs
     (`loss_bin_sum`) and the number of samples (`loss_bin_count`), both f32[num_loss_bins], so
     they can be summed over steps and devices before dividing.
+
+    The objective is flow_cfg.objective's: "sit" is this loss through `sit_model`, "ddpm" DiT's
+    (`jax_mmdit.flow.ddpm.make_loss_fn`).
     """
     if null_class is not None and (isinstance(null_class, bool) or not isinstance(null_class, int) or null_class < 0):
         raise ValueError(f"null_class must be None or an int >= 0 (== num_classes), got {null_class!r}.")
+    if flow_cfg.objective == "ddpm":
+        from jax_mmdit.flow import ddpm  # ddpm builds on this module
+
+        return ddpm.make_loss_fn(flow_cfg, null_class)
     conditional = is_conditional(null_class)
-    num_bins = flow_cfg.num_loss_bins
+    sit = flow_cfg.objective == "sit"
 
     def loss_fn(model: Any, x_BxHxWxC: jax.Array, y_B: jax.Array | None, rng: jax.Array):
         if x_BxHxWxC.ndim != 4:
@@ -115,7 +136,7 @@ def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None) -> LossFn:
             y_B = drop_labels(jax.random.fold_in(rng, STREAM_LABEL_DROP), y_B, flow_cfg.label_dropout, null_class)
 
         xt_BxHxWxC = interpolate(x_BxHxWxC, noise_BxHxWxC, t_B)
-        out = model(xt_BxHxWxC, t_B, y_B)
+        out = (sit_model(model) if sit else model)(xt_BxHxWxC, t_B, y_B)
         if out.shape[:-1] != x_BxHxWxC.shape[:-1] or out.shape[-1] < C:
             raise ValueError(
                 f"model output shape {out.shape} must match input {x_BxHxWxC.shape} with at least {C} channels."
@@ -123,13 +144,6 @@ def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None) -> LossFn:
         v_BxHxWxC = out[..., :C].astype(jnp.float32)
         err = v_BxHxWxC - velocity_target(x_BxHxWxC, noise_BxHxWxC)
         mse_B = jnp.mean(jnp.square(err), axis=(1, 2, 3))
-        loss = jnp.mean(mse_B)
-
-        bin_B = jnp.clip(jnp.floor(t_B * num_bins).astype(jnp.int32), 0, num_bins - 1)
-        aux = {
-            "loss_bin_sum": jnp.zeros((num_bins,), jnp.float32).at[bin_B].add(jax.lax.stop_gradient(mse_B)),
-            "loss_bin_count": jnp.zeros((num_bins,), jnp.float32).at[bin_B].add(1.0),
-        }
-        return loss, aux
+        return jnp.mean(mse_B), loss_bins(t_B, mse_B, flow_cfg.num_loss_bins)
 
     return loss_fn

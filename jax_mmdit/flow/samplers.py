@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_mmdit.flow.config import SamplerConfig
-from jax_mmdit.flow.rectified_flow import is_conditional, time_shift
+from jax_mmdit.flow.config import FlowConfig, SamplerConfig, check_sampler_fits
+from jax_mmdit.flow.rectified_flow import is_conditional, sit_model, time_shift
 
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 
@@ -27,47 +27,59 @@ def time_grid(num_steps: int, shift: float = 1.0) -> jax.Array:
     return time_shift(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
 
 
-def _make_guided_velocity(
-    velocity_fn: VelocityFn, y_B: jax.Array | None, cfg: SamplerConfig, null_class: int | None, B: int, C: int
+def guided_model(
+    model_fn: VelocityFn,
+    y_B: jax.Array | None,
+    cfg: SamplerConfig,
+    null_class: int | None,
+    B: int,
+    C: int,
+    keep: int | None = None,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Returns v(x, t) with t a scalar, applying CFG as the config asks."""
+    """Returns f(x, t) with t a scalar: model_fn's float32 output (its first `keep` channels, None =
+    all; at least C) with classifier-free guidance as the config asks, on the first
+    cfg.cfg_channels (default C) channels; any further channels (a learned variance) come from the
+    conditional pass."""
+    k = C if cfg.cfg_channels is None else cfg.cfg_channels
+    if k > C:
+        raise ValueError(f"cfg_channels={k} exceeds the {C} channels of the prediction.")
 
     def call(x, t_B, y):
-        out = velocity_fn(x, t_B, y)
+        out = model_fn(x, t_B, y)
         if out.shape[:-1] != x.shape[:-1] or out.shape[-1] < C:
-            raise ValueError(f"velocity_fn output shape {out.shape} must match x {x.shape} with at least {C} channels.")
-        # learn_sigma models output 2C channels; the velocity is the first C.
-        return out[..., :C].astype(jnp.float32)
+            raise ValueError(f"model output shape {out.shape} must match x {x.shape} with at least {C} channels.")
+        return (out if keep is None else out[..., :keep]).astype(jnp.float32)
 
-    def v_cond(x_BxHxWxC, t):
+    def f_cond(x_BxHxWxC, t):
         return call(x_BxHxWxC, jnp.full((B,), t, jnp.float32), y_B)
 
     # cfg_scale == 1 is exactly the conditional model, so skip the unconditional pass altogether.
     if cfg.cfg_scale == 1.0:
-        return v_cond
+        return f_cond
     if not is_conditional(null_class) or y_B is None:
         raise ValueError(
             f"cfg_scale={cfg.cfg_scale} needs a class-conditional model (null_class > 0) and labels y; "
             "use cfg_scale=1.0 for unconditional sampling."
         )
 
-    def v_guided(x_BxHxWxC, t):
+    def f_guided(x_BxHxWxC, t):
         # One batched forward for both branches: better device utilisation than two calls.
         x_2BxHxWxC = jnp.concatenate([x_BxHxWxC, x_BxHxWxC], axis=0)
         y_2B = jnp.concatenate([y_B, jnp.full_like(y_B, null_class)], axis=0)
-        v_2BxHxWxC = call(x_2BxHxWxC, jnp.full((2 * B,), t, jnp.float32), y_2B)
-        v_cond_, v_uncond = v_2BxHxWxC[:B], v_2BxHxWxC[B:]
-        return v_uncond + cfg.cfg_scale * (v_cond_ - v_uncond)
+        out_2BxHxWxK = call(x_2BxHxWxC, jnp.full((2 * B,), t, jnp.float32), y_2B)
+        cond, uncond = out_2BxHxWxK[:B], out_2BxHxWxK[B:]
+        guided = uncond[..., :k] + cfg.cfg_scale * (cond[..., :k] - uncond[..., :k])
+        return guided if guided.shape[-1] == cond.shape[-1] else jnp.concatenate([guided, cond[..., k:]], axis=-1)
 
     if cfg.cfg_interval is None or cfg.cfg_interval == (0.0, 1.0):
-        return v_guided
+        return f_guided
     lo, hi = cfg.cfg_interval
 
-    def v_interval(x_BxHxWxC, t):
+    def f_interval(x_BxHxWxC, t):
         # lax.cond runs only the chosen branch, so outside the interval a step costs one pass, not two.
-        return jax.lax.cond((t >= lo) & (t <= hi), v_guided, v_cond, x_BxHxWxC, t)
+        return jax.lax.cond((t >= lo) & (t <= hi), f_guided, f_cond, x_BxHxWxC, t)
 
-    return v_interval
+    return f_interval
 
 
 def sample_loop(
@@ -96,7 +108,7 @@ def sample_loop(
     B, C = noise_BxHxWxC.shape[0], noise_BxHxWxC.shape[-1]
     if y_B is not None and y_B.shape != (B,):
         raise ValueError(f"y must have shape ({B},) to match noise, got {y_B.shape}.")
-    v = _make_guided_velocity(velocity_fn, y_B, cfg, null_class, B, C)
+    v = guided_model(velocity_fn, y_B, cfg, null_class, B, C, keep=C)
     t_S = time_grid(cfg.num_steps, cfg.shift)
 
     def euler_step(x, t, t_next):
@@ -122,12 +134,18 @@ def sample_loop(
     return x, traj_SxBxHxWxC
 
 
-@partial(jax.jit, static_argnames=("graphdef", "cfg", "null_class", "return_trajectory"))
-def _sample_jitted(graphdef, state, noise_BxHxWxC, y_B, *, cfg, null_class, return_trajectory):
-    # jax.jit keys its cache on the static (hashable) graphdef and config: repeated calls with the
-    # same model structure, config and shapes reuse the compiled loop, whatever the weights.
+@partial(jax.jit, static_argnames=("graphdef", "cfg", "flow", "null_class", "return_trajectory"))
+def _sample_jitted(graphdef, state, noise_BxHxWxC, y_B, rng, *, cfg, flow, null_class, return_trajectory):
+    # jax.jit keys its cache on the static (hashable) graphdef and configs: repeated calls with the
+    # same model structure, configs and shapes reuse the compiled loop, whatever the weights.
     model = nnx.merge(graphdef, state)
-    return sample_loop(lambda x, t, y: model(x, t, y), noise_BxHxWxC, y_B, cfg, null_class, return_trajectory)
+    fn = lambda x, t, y: model(x, t, y)  # noqa: E731
+    if flow.objective == "ddpm":
+        from jax_mmdit.flow import ddpm  # ddpm builds on this module
+
+        return ddpm.sample_loop(fn, noise_BxHxWxC, y_B, cfg, flow, rng, null_class, return_trajectory)
+    fn = sit_model(fn) if flow.objective == "sit" else fn
+    return sample_loop(fn, noise_BxHxWxC, y_B, cfg, null_class, return_trajectory)
 
 
 def compiled_sampler_count() -> int:
@@ -142,15 +160,31 @@ def sample(
     y_B: jax.Array | None,
     cfg: SamplerConfig,
     return_trajectory: bool = False,
+    flow: FlowConfig | None = None,
+    rng: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Samples from an NNX model `model(x, t_B, y_B)` with the whole loop in one jitted call.
 
-    The null class is `model.null_class` (== num_classes); a model without it, or with 0, is
-    unconditional and cannot use cfg_scale != 1. Returns what `sample_loop` returns.
+    `flow` names the objective the model was trained with (None: rectified flow): "sit" runs the
+    same ODE samplers through `sit_model`, "ddpm" the DDPM/DDIM samplers of `jax_mmdit.flow.ddpm`,
+    whose ancestral noise comes from `rng` (None: key 0). The null class is `model.null_class`
+    (== num_classes); a model without it, or with 0, is unconditional and cannot use
+    cfg_scale != 1. Returns what `sample_loop` returns.
     """
+    flow = FlowConfig() if flow is None else flow
+    check_sampler_fits(flow, cfg)
     null_class = getattr(model, "null_class", None)
     null_class = int(null_class) if is_conditional(null_class) else None
+    rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     return _sample_jitted(
-        graphdef, state, noise_BxHxWxC, y_B, cfg=cfg, null_class=null_class, return_trajectory=return_trajectory
+        graphdef,
+        state,
+        noise_BxHxWxC,
+        y_B,
+        rng,
+        cfg=cfg,
+        flow=flow,
+        null_class=null_class,
+        return_trajectory=return_trajectory,
     )

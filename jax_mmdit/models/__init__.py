@@ -12,15 +12,17 @@
   and no sharding annotations (the trainer's table in `train/mesh.py` decides from shapes).
 - With `num_classes=0` DiT ignores `y` and MMDiT uses its null-class tokens; with `num_classes>0`,
   `y` is required. Out-of-range labels give NaN outputs (jnp.take's "fill"), not silent clamping.
-- `dit_from_diffusers` / `mmdit_from_diffusers` read diffusers' DiT and SD3 transformers (module or
-  state dict; torch is never imported here); `model_summary(cfg)` gives parameters and FLOPs
-  without building weights.
+- `dit_from_diffusers` / `mmdit_from_diffusers` read diffusers' DiT and SD3/SD3.5 transformers,
+  `dit_from_original` facebookresearch/DiT and SiT state dicts (module or state dict; torch is
+  never imported there); `load_published(kind, path)` reads such checkpoints from files into
+  (config, model); `model_summary(cfg)` gives parameters and FLOPs without building weights.
 """
 
 from __future__ import annotations
 
+from jax_mmdit.models.checkpoints import load_published
 from jax_mmdit.models.config import PRESETS, ModelConfig
-from jax_mmdit.models.convert import dit_from_diffusers, mmdit_from_diffusers
+from jax_mmdit.models.convert import dit_from_diffusers, dit_from_original, mmdit_from_diffusers
 from jax_mmdit.models.dit import DiT
 from jax_mmdit.models.factory import create_model
 from jax_mmdit.models.mmdit import MMDiT
@@ -34,6 +36,8 @@ __all__ = [
     "count_params",
     "create_model",
     "dit_from_diffusers",
+    "dit_from_original",
+    "load_published",
     "mmdit_from_diffusers",
     "model_summary",
 ]

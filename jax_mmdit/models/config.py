@@ -95,6 +95,12 @@ class ModelConfig:
     num_context_tokens: int = 4
     # MMDiT only: width of the pooled text embedding added to the timestep embedding (0 = none).
     pooled_dim: int = 0
+    # The timestep embedder sees time_scale * t: 1000 maps t in [0, 1] onto DiT/SD3's 0..1000
+    # timestep range; SiT's published weights embed t in [0, 1] directly (time_scale 1).
+    time_scale: float = 1000.0
+    # MMDiT only: blocks (0-based) whose image stream adds a second, image-only self-attention
+    # after the joint one (SD3.5's "MMDiT-X", e.g. blocks 0..12 of SD3.5 Medium); () = SD3.0.
+    dual_attention_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -127,6 +133,7 @@ class ModelConfig:
         # The 2D sin-cos table splits D into (h, w) halves, each split into (sin, cos).
         need(self.hidden_size % 4 == 0, f"hidden_size must be a multiple of 4, got {self.hidden_size}.")
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}.")
+        need(self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}.")
         need(self.num_classes >= 0, f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}.")
         need(self.context_dim >= 0 and self.pooled_dim >= 0, "context_dim and pooled_dim must be >= 0.")
         if self.arch == "dit":
@@ -144,6 +151,18 @@ class ModelConfig:
                 "pooled_dim needs text conditioning (context_dim>0); class-token MMDiT pools a label embedding.",
             )
             need(self.num_context_tokens > 0, f"num_context_tokens must be > 0, got {self.num_context_tokens}.")
+        # Lists (from JSON or a command line) become a tuple so the config stays hashable.
+        layers = self.dual_attention_layers
+        need(isinstance(layers, (tuple, list)), f"dual_attention_layers must be a tuple of ints, got {layers!r}.")
+        object.__setattr__(self, "dual_attention_layers", tuple(layers))
+        need(
+            not layers or self.arch == "mmdit",
+            "dual_attention_layers is an MMDiT option (SD3.5); leave it empty for arch='dit'.",
+        )
+        need(
+            all(isinstance(i, int) and 0 <= i < self.depth for i in layers) and len(set(layers)) == len(layers),
+            f"dual_attention_layers must be distinct block indices in [0, {self.depth}), got {layers!r}.",
+        )
 
     # ---- derived quantities -------------------------------------------------------------------
     @property

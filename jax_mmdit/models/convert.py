@@ -1,13 +1,15 @@
-"""PyTorch diffusers weights -> our NNX models.
+"""PyTorch weights -> our NNX models.
 
-`dit_from_diffusers` reads a `DiTTransformer2DModel`, `mmdit_from_diffusers` an
-`SD3Transformer2DModel` (SD3.0 layout, optional `qk_norm="rms_norm"`), each given as a module or
-its `state_dict()`. Torch is never imported here: tensors are turned into numpy through their own
-methods, so plain numpy state dicts work too.
+`dit_from_diffusers` reads a diffusers `DiTTransformer2DModel`, `mmdit_from_diffusers` an
+`SD3Transformer2DModel` (SD3.0, or SD3.5 with `qk_norm="rms_norm"` and `dual_attention_layers`),
+`dit_from_original` a facebookresearch/DiT or willisma/SiT state dict (the same layout), each given
+as a module or its `state_dict()`. Torch is never imported here: tensors are turned into numpy
+through their own methods, so numpy state dicts work too. `checkpoints.load_published` reads
+such weights from files.
 
 Every tensor of the source must be used and every array of the target filled (the fixed sin-cos
-table excepted when the source has none), otherwise a ValueError names the keys: a silently
-half-converted model is the worst outcome.
+table excepted when the source has none), otherwise a UserError (a ValueError) names the keys: a
+silently half-converted model is the worst outcome.
 
 Known convention gaps (checked by tests/test_parity.py):
 - diffusers' DiT port embeds timesteps with `downscale_freq_shift=1` (frequencies / (half - 1));
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_mmdit.errors import UserError
 from jax_mmdit.models.config import ModelConfig
 from jax_mmdit.models.factory import create_model
 from jax_mmdit.models.layers import FixedEmbedding, sincos_pos_embed_2d
@@ -53,7 +56,7 @@ class _Source:
 
     def get(self, key: str) -> np.ndarray:
         if key not in self.sd:
-            raise ValueError(f"The source state dict has no {key!r}; does the config match the checkpoint?")
+            raise UserError(f"The source state dict has no {key!r}; does the config match the checkpoint?")
         self.used.add(key)
         return self.sd[key]
 
@@ -64,7 +67,7 @@ class _Source:
     def check_all_used(self) -> None:
         left = sorted(set(self.sd) - self.used)
         if left:
-            raise ValueError(f"{len(left)} source tensors have no place in our model (unsupported?): {left[:8]}")
+            raise UserError(f"{len(left)} source tensors have no place in our model (unsupported?): {left[:8]}")
 
 
 def _put_linear(target: dict[str, np.ndarray], ours: str, kernel_bias: tuple[np.ndarray, np.ndarray]) -> None:
@@ -94,7 +97,7 @@ def _center_crop_pos(table: np.ndarray, grid: int) -> np.ndarray:
     D = table.shape[-1]
     m = int(round((table.size // D) ** 0.5))
     if m * m * D != table.size or grid > m:
-        raise ValueError(f"Cannot crop a {table.shape} position table to a {grid}x{grid} grid.")
+        raise UserError(f"Cannot crop a {table.shape} position table to a {grid}x{grid} grid.")
     top = (m - grid) // 2
     return table.reshape(m, m, D)[top : top + grid, top : top + grid].reshape(grid * grid, D)
 
@@ -109,7 +112,7 @@ def _build(cfg: ModelConfig, target: dict[str, np.ndarray], ops: Ops | None) -> 
         if key in target:
             value = target[key]
             if value.shape != var.shape:
-                raise ValueError(f"Shape mismatch for {key}: checkpoint {value.shape}, config {var.shape}.")
+                raise UserError(f"Shape mismatch for {key}: checkpoint {value.shape}, config {var.shape}.")
         elif key == "pos_embed" and isinstance(var, FixedEmbedding):
             value = sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size)
         else:
@@ -118,10 +121,10 @@ def _build(cfg: ModelConfig, target: dict[str, np.ndarray], ops: Ops | None) -> 
         filled.append((path, var.replace(jnp.asarray(value, var.dtype))))
         filled_keys.add(key)
     if missing:
-        raise ValueError(f"The checkpoint does not provide {missing[:8]}; does the config match it?")
+        raise UserError(f"The checkpoint does not provide {missing[:8]}; does the config match it?")
     extra = sorted(set(target) - filled_keys)
     if extra:
-        raise ValueError(f"Converted tensors without a place in the model: {extra[:8]}.")
+        raise UserError(f"Converted tensors without a place in the model: {extra[:8]}.")
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
@@ -144,7 +147,7 @@ def dit_from_diffusers(torch_module_or_state_dict: Any, cfg: ModelConfig, ops: O
     for i in range(1, cfg.depth):
         for name in names:
             if not np.array_equal(src.get(emb.format(i) + name), src.get(emb.format(0) + name)):
-                raise ValueError(f"Block {i}'s {name} differs from block 0's; our DiT shares one embedder.")
+                raise UserError(f"Block {i}'s {name} differs from block 0's; our DiT shares one embedder.")
     _put_linear(t, "t_embedder.mlp.fc1", src.linear(emb.format(0) + "timestep_embedder.linear_1"))
     _put_linear(t, "t_embedder.mlp.fc2", src.linear(emb.format(0) + "timestep_embedder.linear_2"))
     t["y_embedder.table.embedding"] = src.get(emb.format(0) + "class_embedder.embedding_table.weight")
@@ -168,8 +171,9 @@ def mmdit_from_diffusers(torch_module_or_state_dict: Any, cfg: ModelConfig, ops:
     """diffusers `SD3Transformer2DModel` -> our text-conditioned `MMDiT`.
 
     cfg needs arch="mmdit", context_dim = joint_attention_dim, pooled_dim = pooled_projection_dim,
-    num_classes=0, qk_norm matching `qk_norm="rms_norm"`, and image_size <= pos_embed_max_size *
-    patch_size (the SD3 sin-cos table is centre-cropped to our grid)."""
+    num_classes=0, qk_norm matching `qk_norm="rms_norm"`, dual_attention_layers as in diffusers'
+    config, and image_size <= pos_embed_max_size * patch_size (the SD3 sin-cos table is
+    centre-cropped to our grid)."""
     if cfg.arch != "mmdit" or cfg.uses_class_tokens or cfg.pooled_dim == 0 or cfg.mlp != "gelu" or cfg.stem != "patch":
         raise ValueError("SD3 is a text-conditioned MMDiT: set arch='mmdit', context_dim>0, pooled_dim>0, gelu, patch.")
     src = _Source(torch_module_or_state_dict)
@@ -196,6 +200,12 @@ def mmdit_from_diffusers(torch_module_or_state_dict: Any, cfg: ModelConfig, ops:
                                  ("c_attn.q_norm", "norm_added_q"), ("c_attn.k_norm", "norm_added_k")):  # fmt: skip
                 t[o + ours + ".scale"] = src.get(s + f"attn.{theirs}.weight")
         _put_linear(t, o + "x_attn_out", src.linear(s + "attn.to_out.0"))
+        if i in cfg.dual_attention_layers:  # SD3.5: norm1.linear has 9 chunks, in our order
+            _put_linear(t, o + "x_attn2.qkv", _fused(*[src.linear(s + f"attn2.to_{n}") for n in "qkv"]))
+            if cfg.qk_norm:
+                t[o + "x_attn2.q_norm.scale"] = src.get(s + "attn2.norm_q.weight")
+                t[o + "x_attn2.k_norm.scale"] = src.get(s + "attn2.norm_k.weight")
+            _put_linear(t, o + "x_attn2_out", src.linear(s + "attn2.to_out.0"))
         _put_linear(t, o + "x_mlp.fc1", src.linear(s + "ff.net.0.proj"))
         _put_linear(t, o + "x_mlp.fc2", src.linear(s + "ff.net.2"))
         if not pre_only:
@@ -205,5 +215,49 @@ def mmdit_from_diffusers(torch_module_or_state_dict: Any, cfg: ModelConfig, ops:
 
     _put_linear(t, "final.modulation.linear", _swap_halves(src.linear("norm_out.linear")))
     _put_linear(t, "final.linear", src.linear("proj_out"))
+    src.check_all_used()
+    return _build(cfg, t, ops)
+
+
+def _check_sincos(table: np.ndarray, hidden: int) -> None:
+    """Our DiT's table is fixed (`sincos_pos_embed_2d`): a checkpoint with another is refused, not
+    silently given ours."""
+    n = table.size // hidden
+    grid = int(round(n**0.5))
+    if grid * grid * hidden != table.size:
+        raise UserError(f"The checkpoint's pos_embed {table.shape} is not a square grid of {hidden}-wide rows.")
+    diff = float(np.abs(table.reshape(n, hidden) - sincos_pos_embed_2d(hidden, grid)).max())
+    if diff > 1e-5:
+        raise UserError(f"The checkpoint's pos_embed is not DiT's fixed 2D sin-cos table (max difference {diff:.3g}).")
+
+
+def dit_from_original(state_dict: Any, cfg: ModelConfig, ops: Ops | None = None) -> nnx.Module:
+    """facebookresearch/DiT (or willisma/SiT: the same module) state dict -> our `DiT`, on `ops`.
+
+    The original shares one timestep/label embedder, fuses [q | k | v] (each head-major) in one
+    timm Linear and orders adaLN chunks as we do, so tensors map one to one. Its `pos_embed` must
+    be the sin-cos table of its own grid (checked, atol 1e-5); cfg.image_size may differ, the model
+    then uses the table of its grid. SiT differs only in embedding t in [0, 1] (cfg.time_scale=1)."""
+    if cfg.arch != "dit" or cfg.qk_norm or cfg.mlp != "gelu" or cfg.stem != "patch" or cfg.num_classes == 0:
+        raise ValueError("The original DiT has no QK-norm/SwiGLU/conv stem and is class-conditional; adjust cfg.")
+    if cfg.pos_embed != "sincos":
+        raise ValueError("The original DiT's position table is the fixed sin-cos one; set cfg.pos_embed='sincos'.")
+    src = _Source(state_dict)
+    t: dict[str, np.ndarray] = {}
+    _put_linear(t, "patch_embed.proj", _patch_kernel(src, "x_embedder.proj"))
+    if "pos_embed" in src:
+        _check_sincos(src.get("pos_embed"), cfg.hidden_size)
+    _put_linear(t, "t_embedder.mlp.fc1", src.linear("t_embedder.mlp.0"))
+    _put_linear(t, "t_embedder.mlp.fc2", src.linear("t_embedder.mlp.2"))
+    t["y_embedder.table.embedding"] = src.get("y_embedder.embedding_table.weight")
+    for i in range(cfg.depth):
+        b = f"blocks.{i}."
+        _put_linear(t, b + "modulation.linear", src.linear(b + "adaLN_modulation.1"))
+        _put_linear(t, b + "attn.qkv", src.linear(b + "attn.qkv"))
+        _put_linear(t, b + "attn_out", src.linear(b + "attn.proj"))
+        _put_linear(t, b + "mlp.fc1", src.linear(b + "mlp.fc1"))
+        _put_linear(t, b + "mlp.fc2", src.linear(b + "mlp.fc2"))
+    _put_linear(t, "final.modulation.linear", src.linear("final_layer.adaLN_modulation.1"))
+    _put_linear(t, "final.linear", src.linear("final_layer.linear"))
     src.check_all_used()
     return _build(cfg, t, ops)

@@ -24,8 +24,8 @@ from flax import nnx
 from jax_mmdit.ops import Ops
 from jax_mmdit.ops.reference import Dtype
 
-# The model takes t in [0, 1]; published DiT/SD3 embed t * 1000, so we scale before the sinusoid to
-# keep the frequency range (and converted weights) meaningful.
+# The model takes t in [0, 1]; published DiT/SD3 embed t * 1000, so by default we scale before the
+# sinusoid to keep the frequency range (and converted weights) meaningful (ModelConfig.time_scale).
 TIME_SCALE = 1000.0
 # Sinusoid width fed to the timestep MLP (DiT and SD3 both use 256).
 TIME_FREQ_DIM = 256
@@ -106,14 +106,15 @@ class MlpEmbedder(nnx.Module):
 
 
 class TimestepEmbedder(nnx.Module):
-    """t in [0, 1] -> sinusoid of 1000*t -> MLP -> (B, D) float32."""
+    """t in [0, 1] -> sinusoid of time_scale*t -> MLP -> (B, D) float32."""
 
-    def __init__(self, hidden: int, dtype: Dtype, ops: Ops, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, dtype: Dtype, ops: Ops, rngs: nnx.Rngs, time_scale: float = TIME_SCALE):
+        self.time_scale = time_scale
         # DiT initialises the timestep MLP with N(0, 0.02).
         self.mlp = MlpEmbedder(TIME_FREQ_DIM, hidden, dtype, ops, rngs, init=_normal002)
 
     def __call__(self, t_B: jax.Array) -> jax.Array:
-        return self.mlp(timestep_sinusoid(t_B.astype(jnp.float32) * TIME_SCALE))
+        return self.mlp(timestep_sinusoid(t_B.astype(jnp.float32) * self.time_scale))
 
 
 class LabelEmbedder(nnx.Module):

@@ -10,7 +10,13 @@ Context comes from one of two sources:
   class-labelled data as DiT. An unconditional model (num_classes == 0) always uses the null row.
 
 The last block's context stream is "pre-only" (SD3): it only supplies keys/values, since its
-output would be discarded."""
+output would be discarded.
+
+Blocks in `cfg.dual_attention_layers` are SD3.5's dual-attention blocks (diffusers'
+`JointTransformerBlock(use_dual_attention=True)`): the image stream's adaLN emits 9 chunks, the
+last three (shift, scale, gate) modulating the same LayerNorm of the block input for a second,
+image-only self-attention (its own QKV, QK-norm and output projection), added after the joint
+attention's residual and before the MLP."""
 
 from __future__ import annotations
 
@@ -38,14 +44,17 @@ from jax_mmdit.ops import Ops
 
 
 class MMDiTBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, pre_only: bool, ops: Ops, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, pre_only: bool, ops: Ops, rngs: nnx.Rngs, dual: bool = False):
         D, dtype = cfg.hidden_size, cfg.compute_dtype
         self.dtype, self.ops, self.pre_only = dtype, ops, pre_only
-        # image stream
-        self.x_modulation = Modulation(D, 6, dtype, ops, rngs)
+        # image stream; a dual block's modulation adds (shift, scale, gate) of its second attention
+        self.x_modulation = Modulation(D, 9 if dual else 6, dtype, ops, rngs)
         self.x_attn = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, ops, rngs)
         self.x_attn_out = Dense(D, D, dtype, ops, rngs)
         self.x_mlp = Mlp(D, cfg.mlp_ratio, cfg.mlp, dtype, ops, rngs)
+        # SD3.5 dual attention: a second, image-only self-attention of the image stream.
+        self.x_attn2 = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, ops, rngs) if dual else None
+        self.x_attn2_out = Dense(D, D, dtype, ops, rngs) if dual else None
         # context stream; pre-only needs just (shift, scale) for the pre-attention norm
         self.c_modulation = Modulation(D, 2 if pre_only else 6, dtype, ops, rngs)
         self.c_attn = QKV(D, cfg.num_heads, cfg.qk_norm, dtype, ops, rngs)
@@ -58,7 +67,8 @@ class MMDiTBlock(nnx.Module):
         B, L, D = x_BxLxD.shape
         T = ctx_BxTxD.shape[1]
         ops = self.ops
-        x_shift_a, x_scale_a, x_gate_a, x_shift_m, x_scale_m, x_gate_m = self.x_modulation(c_BxD)
+        x_mods = self.x_modulation(c_BxD)
+        x_shift_a, x_scale_a, x_gate_a, x_shift_m, x_scale_m, x_gate_m = x_mods[:6]
         if self.pre_only:
             c_shift_a, c_scale_a = self.c_modulation(c_BxD)
         else:
@@ -66,10 +76,18 @@ class MMDiTBlock(nnx.Module):
 
         hx_NxD = ops.ln_modulate(x_BxLxD, x_shift_a, x_scale_a, self.dtype, NORM_EPS).reshape(B * L, D)
         hc_MxD = ops.ln_modulate(ctx_BxTxD, c_shift_a, c_scale_a, self.dtype, NORM_EPS).reshape(B * T, D)
+        if self.x_attn2 is not None:
+            # SD35AdaLayerNormZeroX: the second attention's input is the block input's LayerNorm too.
+            x_shift_a2, x_scale_a2, x_gate_a2 = x_mods[6:]
+            hx2_NxD = ops.ln_modulate(x_BxLxD, x_shift_a2, x_scale_a2, self.dtype, NORM_EPS).reshape(B * L, D)
         ox_BxLxD, oc_BxTxD = ops.joint_attention(self.x_attn(hx_NxD, B), self.c_attn(hc_MxD, B))
 
         ax_NxD = self.x_attn_out(ox_BxLxD.reshape(B * L, D))
         x_BxLxD = ops.gated_residual(x_BxLxD, x_gate_a, ax_NxD.reshape(B, L, D))
+        if self.x_attn2 is not None:
+            o2_BxLxD = self.x_attn2.self_attention(hx2_NxD, B)
+            a2_NxD = self.x_attn2_out(o2_BxLxD.reshape(B * L, D))
+            x_BxLxD = ops.gated_residual(x_BxLxD, x_gate_a2, a2_NxD.reshape(B, L, D))
         hx_NxD = ops.ln_modulate(x_BxLxD, x_shift_m, x_scale_m, self.dtype, NORM_EPS).reshape(B * L, D)
         x_BxLxD = ops.gated_residual(x_BxLxD, x_gate_m, self.x_mlp(hx_NxD).reshape(B, L, D))
         if self.pre_only:
@@ -92,7 +110,7 @@ class MMDiT(nnx.Module):
         D, dtype = cfg.hidden_size, cfg.compute_dtype
         self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, ops, rngs)
         self.pos_embed = make_pos_embed(cfg.pos_embed, cfg.grid_size, D, rngs)
-        self.t_embedder = TimestepEmbedder(D, dtype, ops, rngs)
+        self.t_embedder = TimestepEmbedder(D, dtype, ops, rngs, cfg.time_scale)
         if cfg.uses_class_tokens:
             self.class_tokens = LabelEmbedder(cfg.num_classes, cfg.num_context_tokens * D, rngs)
             self.pooled_embedder = LabelEmbedder(cfg.num_classes, D, rngs)
@@ -101,7 +119,12 @@ class MMDiT(nnx.Module):
             self.class_tokens = None
             self.context_embedder = Dense(cfg.context_dim, D, dtype, ops, rngs)
             self.pooled_embedder = MlpEmbedder(cfg.pooled_dim, D, dtype, ops, rngs) if cfg.pooled_dim > 0 else None
-        self.blocks = nnx.List([MMDiTBlock(cfg, i == cfg.depth - 1, ops, rngs) for i in range(cfg.depth)])
+        self.blocks = nnx.List(
+            [
+                MMDiTBlock(cfg, i == cfg.depth - 1, ops, rngs, dual=i in cfg.dual_attention_layers)
+                for i in range(cfg.depth)
+            ]
+        )
         self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, ops, rngs)
 
     @property

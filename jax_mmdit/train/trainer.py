@@ -9,33 +9,29 @@ trainer = Trainer.load("runs/fashion_mnist")      # sampling from a finished run
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jax_mmdit import ops as ops_lib
 from jax_mmdit.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, load_config_dict
 from jax_mmdit.config import MeshConfig, TrainConfig, config_differences
-from jax_mmdit.data.registry import get_spec
 from jax_mmdit.errors import UserError
-from jax_mmdit.eval import images as imgs
 from jax_mmdit.eval.evaluators import build_evaluators
 from jax_mmdit.flow import make_loss_fn
-from jax_mmdit.flow import sample as flow_sample
 from jax_mmdit.models import count_params, create_model
 from jax_mmdit.train import mesh as mesh_lib
 from jax_mmdit.train import profiler
+from jax_mmdit.train.init_from import load_init_params
 from jax_mmdit.train.logger import MetricLogger, summarize_window
 from jax_mmdit.train.rundir import RunLock, StopSignals, make_dirs, write_atomically
+from jax_mmdit.train.sampling import SamplingMixin
 from jax_mmdit.train.step import (
     init_train_state,
     make_eval_step,
@@ -52,12 +48,6 @@ def _describe(fingerprint: dict) -> str:
     return f"{f.get('name')}, {f.get('num_examples')} examples, sample hash {f.get('sample_sha256')}"
 
 
-@functools.cache
-def _noise_fn(shape: tuple[int, ...], sharding):
-    """key -> standard normal noise of `shape` made in `sharding`; compiled once per shape."""
-    return jax.jit(lambda key: jax.random.normal(key, shape), out_shardings=sharding)
-
-
 def _shown(key: str, value: float, scores: dict) -> str:
     """'class_accuracy 0.812 (real 0.914)': a score with its real-data floor where there is one."""
     name = key.split("/", 1)[-1]
@@ -69,9 +59,10 @@ class NonFiniteLossError(UserError):
     """Training produced a NaN/inf loss; the message names the step and the last good checkpoint."""
 
 
-class Trainer:
-    def __init__(self, cfg: TrainConfig, *, devices=None, with_data: bool = True, distributed: bool = True):
-        """`distributed=False` never starts jax.distributed (sampling, evaluation: this host only)."""
+class Trainer(SamplingMixin):
+    def __init__(self, cfg: TrainConfig, *, devices=None, with_data: bool = True, distributed: bool = True, model=None):
+        """`distributed=False` never starts jax.distributed (sampling, evaluation: this host only);
+        `model` (an NNX model of cfg.model) gives the initial weights instead of a random init."""
         self.cfg = cfg
         if distributed:
             mesh_lib.maybe_initialize_distributed(cfg.mesh)
@@ -124,8 +115,14 @@ class Trainer:
         repl = mesh_lib.replicated(self.mesh)
         params_sharding = mesh_lib.state_shardings(abstract_params, self.mesh)
         rest_sharding = jax.tree.map(lambda _: repl, abstract_rest)
-        params, self.rest = jax.jit(init_params, out_shardings=(params_sharding, rest_sharding))()
-        self.state = jax.jit(init_state, out_shardings=self.state_sharding)(params)
+        if model is None:
+            params, self.rest = jax.jit(init_params, out_shardings=(params_sharding, rest_sharding))()
+        else:
+            _, params, rest = split_model(model)
+            params, self.rest = jax.device_put((params, rest), (params_sharding, rest_sharding))
+        # A fresh optimizer state and EMA around given parameters (also for --init_from).
+        self._fresh_state = jax.jit(init_state, out_shardings=self.state_sharding)
+        self.state = self._fresh_state(params)
         del params
         self.rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), repl)
         self.param_counts = count_params(abstract_model)  # total (the DiT paper's count), trainable, fixed
@@ -233,6 +230,11 @@ class Trainer:
     def _check_resume(self, step: int, items: dict) -> None:
         """Refuse to resume a run whose saved config or data differ from what was asked for."""
         where = f"{self.run_dir} (checkpoint step {step})"
+        if "converted_from" in items.get("meta", {}):
+            raise UserError(
+                f"{self.run_dir} holds converted weights (mmdit convert), not a training run: fine-tune them in a "
+                f"new run, --init_from {self.run_dir} --run_dir NEW_DIR."
+            )
         diffs = config_differences(items["config"], self.cfg) if "config" in items else []
         if diffs:
             raise UserError(
@@ -280,6 +282,11 @@ class Trainer:
             ckpt = self._ensure_checkpointer()
             self.data_iter = self.train_iterator()
             resumed = self.restore(data_iterator=self.data_iter, check_resume=True)
+            if resumed is None and self.cfg.init_from is not None:
+                params, note = load_init_params(self.cfg.init_from, self.cfg, self.state.params, self.mesh, self.ops)
+                self.state = self._fresh_state(params)
+                if jax.process_index() == 0:
+                    print(f"[mmdit] {note}", flush=True)
             if self.evaluators is None:
                 self.evaluators = build_evaluators(self.cfg.eval, self.cfg, self)
             completed = False
@@ -428,92 +435,6 @@ class Trainer:
 
     def ema_model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state.ema_params, self.rest)
-
-    def captions(self, labels) -> list[str] | None:
-        """The class names of `labels` (for grid captions), or None where the dataset names none."""
-        names = (
-            self.train_data.info.class_names
-            if self.train_data is not None
-            else get_spec(self.cfg.data.name).class_names
-        )
-        if not names or not self.model_cfg.num_classes:
-            return None
-        return [names[int(y)] for y in labels]
-
-    def sample_labels(self, num: int, classes=None) -> np.ndarray:
-        """`num` labels cycling over `classes` (default: every class in turn); zeros for an
-        unconditional model."""
-        if num < 1:
-            raise UserError(f"The number of samples must be at least 1, got {num}.")
-        if not self.model_cfg.num_classes:
-            return np.zeros(num, np.int32)
-        classes = np.arange(self.model_cfg.num_classes) if classes is None or len(classes) == 0 else np.asarray(classes)
-        return np.resize(classes, num).astype(np.int32)
-
-    def sample(
-        self,
-        labels=None,
-        num: int | None = None,
-        seed: int = 0,
-        sampler_cfg=None,
-        return_trajectory=False,
-    ):
-        """Draw images with the EMA model. Returns float32 NHWC in [-1, 1] (and the trajectory)."""
-        scfg = sampler_cfg or self.cfg.sampler
-        m = self.model_cfg
-        labels = (
-            self.sample_labels(num or self.cfg.num_sample_images) if labels is None else np.asarray(labels, np.int32)
-        )
-        if m.num_classes and (labels.min() < 0 or labels.max() >= m.num_classes):
-            raise UserError(f"Class labels must be in [0, {m.num_classes}), got {labels.tolist()}.")
-        shape = (len(labels), m.image_size, m.image_size, m.in_channels)
-        noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-        out = flow_sample(self.ema_model(), noise, jnp.asarray(labels), scfg, return_trajectory=return_trajectory)
-        return jax.device_get(out)
-
-    def sample_images(
-        self, labels, seed: int = 0, sampler_cfg=None, batch_size: int = 250, first_batch: int = 0
-    ) -> np.ndarray:
-        """uint8 images of the EMA model for `labels` (any number), drawn in fixed-size batches
-        sharded over the mesh's batch axes; batch i's noise comes from (seed, first_batch + i), so a
-        seed and batch size give the same images whether drawn in one call or batch by batch. Pass
-        `eval_batch_size(n)` for n images."""
-        labels = np.asarray(labels, np.int32)
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        b = -(-batch_size // shards) * shards  # every batch this size (the last one padded): one compiled shape
-        m, scfg = self.model_cfg, sampler_cfg or self.cfg.sampler
-        bsh = mesh_lib.batch_sharding(self.mesh)
-        # Noise made on the devices in its sharding, labels placed per shard: works across processes.
-        draw = _noise_fn((b, m.image_size, m.image_size, m.in_channels), bsh)
-        model, key, out = self.ema_model(), jax.random.key(seed), []
-        for i, start in enumerate(range(0, len(labels), b)):
-            y = np.pad(labels[start : start + b], (0, max(0, start + b - len(labels))))
-            y_B = jax.make_array_from_callback((b,), bsh, lambda idx, y=y: y[idx])
-            x = flow_sample(model, draw(jax.random.fold_in(key, first_batch + i)), y_B, scfg)
-            x = multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else jax.device_get(x)
-            out.append(self.decoder(x[: min(b, len(labels) - start)]))
-        return np.concatenate(out)
-
-    def write_samples(self, step: int, out_dir: Path, logger: MetricLogger | None = None) -> Path:
-        """One image per class (capped) with CFG: PNG grid, trajectory grid PNG and GIF."""
-        labels = self.sample_labels(self.cfg.num_sample_images)
-        x, traj = self.sample(labels, return_trajectory=True)
-        if jax.process_index() != 0:
-            return out_dir
-        ncols = min(len(x), max(self.model_cfg.num_classes, 1), 10)
-        grid = imgs.save_grid_png(
-            out_dir / f"step_{step:07d}.png",
-            self.decoder(x),
-            ncols,
-            scale=2,
-            captions=self.captions(labels),
-        )
-        traj_u8 = self.decoder.trajectory(traj)
-        imgs.save_trajectory_gif(out_dir / f"step_{step:07d}.gif", traj_u8, ncols)
-        imgs.save_png(out_dir / f"step_{step:07d}_trajectory.png", imgs.trajectory_grid(traj_u8), scale=2)
-        if logger is not None:
-            logger.image(step, "samples", grid)
-        return out_dir
 
     # ------------------------------------------------------------------------------------------
     @classmethod
