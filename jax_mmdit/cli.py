@@ -43,6 +43,8 @@ published weights: convert, sample, fine-tune (a new class count or image size i
   mmdit convert --from dit DiT-XL-2-256x256.pt --vae VAE --out runs/dit-xl2
   mmdit sample --run runs/dit-xl2 --class 207 360 --out samples.png
   mmdit train --config runs/dit-xl2 --init_from runs/dit-xl2 --data.source LATENTS --run_dir runs/ft
+  mmdit convert --from sd3 SD3_PIPELINE_DIR --vae SD3_PIPELINE_DIR/vae --out runs/sd3
+  mmdit sample --run runs/sd3 --prompt "a photo of a cat" --out cat.png
 """
 
 
@@ -119,6 +121,8 @@ def cmd_sample(argv: list[str]) -> int:
     src.add_argument("--run", help="run directory (latest checkpoint)")
     src.add_argument("--checkpoint", help="a checkpoint step directory: RUN/checkpoints/STEP")
     p.add_argument("--class", dest="labels", type=int, nargs="*", help="class label(s); default one per class")
+    p.add_argument("--prompt", nargs="+", default=None, help="text run: prompt(s), one image each")
+    p.add_argument("--negative_prompt", default="", help="text run: what guidance steers away from")
     p.add_argument("--num", type=int, default=None, help="number of images (labels cycle over classes)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--steps", type=int, default=None, help="sampling steps")
@@ -151,16 +155,26 @@ def cmd_sample(argv: list[str]) -> int:
     trainer = Trainer.load(run, step)
     if a.vae:
         trainer.decoder.use_vae(a.vae)
-    if trainer.model_cfg.context_dim > 0:
-        raise UserError(
-            "This run is text-conditioned (an SD3-style MMDiT): sampling it needs prompts encoded by its text "
-            "encoders, which `mmdit sample` cannot do yet."
-        )
+    text = trainer.model_cfg.context_dim > 0
+    if text != (a.prompt is not None):
+        need = "--prompt (a text-conditioned run)" if text else "--class, not --prompt (a class-conditional run)"
+        raise UserError(f"This run samples with {need}.")
     pairs = (("cfg_scale", a.cfg), ("num_steps", a.steps), ("method", a.method), ("cfg_channels", a.cfg_channels))
     overrides = {k: v for k, v in pairs if v is not None}
     scfg = dataclasses.replace(trainer.cfg.sampler, **overrides)
     check_sampler_fits(trainer.cfg.flow, scfg)
     n_cls = trainer.model_cfg.num_classes
+    if text:
+        if out.suffix == ".gif":
+            raise UserError("--out for a text run is a .png grid or an .npz.")
+        prompts = [a.prompt[i % len(a.prompt)] for i in range(a.num or len(a.prompt))]
+        x_u8 = trainer.sample_prompts(prompts, a.negative_prompt, a.seed, scfg, a.batch)
+        _save_samples(out, x_u8, np.zeros(len(prompts), np.int32), prompts, prompts)
+        print(
+            f"[mmdit] wrote {len(prompts)} samples (cfg {scfg.cfg_scale}, {scfg.num_steps} {scfg.method} steps) "
+            f"to {out}"
+        )
+        return 0
     labels = trainer.sample_labels(a.num or len(a.labels or ()) or n_cls or 16, a.labels)
     if out.suffix == ".gif":
         x, traj = trainer.sample(labels, seed=a.seed, sampler_cfg=scfg, return_trajectory=True)
@@ -171,16 +185,26 @@ def cmd_sample(argv: list[str]) -> int:
         for i in range(0, len(labels), a.batch):
             chunks.append(trainer.sample(labels[i : i + a.batch], seed=a.seed + i, sampler_cfg=scfg))
         x_u8 = trainer.decoder(np.concatenate(chunks))
-        if out.suffix == ".npz":
-            with imgs.atomic_path(out) as tmp:
-                np.savez_compressed(tmp, images=x_u8, labels=labels.astype(np.int32))
-        else:
-            imgs.save_grid_png(out, x_u8, ncols=min(len(labels), 10), scale=2, captions=trainer.captions(labels))
+        _save_samples(out, x_u8, labels, trainer.captions(labels))
     print(
         f"[mmdit] wrote {len(labels)} samples (step {trainer.step}, cfg {scfg.cfg_scale}, "
         f"{scfg.num_steps} {scfg.method} steps) to {out}"
     )
     return 0
+
+
+def _save_samples(out: Path, x_u8, labels, captions, prompts=None) -> None:
+    """A PNG grid (with captions) or an .npz of uint8 images, labels (and the prompts)."""
+    import numpy as np
+
+    from jax_mmdit.eval import images as imgs
+
+    if out.suffix == ".npz":
+        extra = {} if prompts is None else {"prompts": np.asarray(prompts)}
+        with imgs.atomic_path(out) as tmp:
+            np.savez_compressed(tmp, images=x_u8, labels=labels.astype(np.int32), **extra)
+    else:
+        imgs.save_grid_png(out, x_u8, ncols=min(len(x_u8), 10), scale=2, captions=captions)
 
 
 def _output_path(path: str, suffixes: tuple[str, ...]) -> Path:

@@ -215,7 +215,7 @@ def test_unreachable_hub_names_local_alternatives(tmp_path):
 
 def test_latent_diffusion_chain_train_vae_encode_train_sample(tmp_path):
     """The whole latent path on 256 real images: a VAE trained here, its latents, a DiT on them,
-    samples decoded back to pixels; a moved VAE is found with --vae, a different one refused."""
+    samples decoded back to pixels; a moved VAE is found with --vae (a wrong one: test_latents.py)."""
     vae, lat, run = tmp_path / "vae", tmp_path / "lat", tmp_path / "run"
     small = ["--block_out_channels", "8", "16", "--norm_num_groups", "4", "--batch_size", "16"]
     r = mmdit("train-vae", "--resolution", "16", *small, "--steps", "10", "--max_examples", "256",
@@ -237,16 +237,12 @@ def test_latent_diffusion_chain_train_vae_encode_train_sample(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     d = np.load(tmp_path / "s.npz")
     assert d["images"].shape == (4, 16, 16, 1) and d["images"].dtype == np.uint8 and d["images"].std() > 0
-    r = mmdit("sample", "--run", str(run), "--vae", str(ROOT / "tests"), "--out", str(tmp_path / "t.png"))
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no config.json" in r.stderr, r.stderr[-2000:]
 
 
 def test_published_weights_convert_sample_fine_tune(tmp_path):
     """A diffusers DiT directory (random weights, 7 classes at 14x14) -> `mmdit convert` -> `mmdit
-    sample` -> `mmdit train --init_from` fine-tunes it on Fashion-MNIST (10 classes, 28x28); a
-    pickle with a payload is refused in one line."""
-    import pickle
-
+    sample` -> `mmdit train --init_from` fine-tunes it on Fashion-MNIST (10 classes, 28x28) (a pickle
+    with a payload: tests/test_convert.py)."""
     import torch
     from diffusers import DiTTransformer2DModel
 
@@ -271,12 +267,3 @@ def test_published_weights_convert_sample_fine_tune(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"initialised from {run}" in r.stdout and "re-initialised for 10 classes (was 7)" in r.stdout, r.stdout
     assert (ft / "checkpoints" / "3").is_dir() and (ft / "samples" / "step_0000003.png").is_file()
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {tmp_path / 'owned'}",))
-
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": Payload()}, protocol=2))  # torch.save's protocol
-    r = mmdit("convert", "--from", "dit", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "evil"))
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not loaded" in r.stderr, r.stderr[-2000:]
-    assert not (tmp_path / "owned").exists() and not (tmp_path / "evil").exists()

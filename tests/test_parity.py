@@ -87,8 +87,12 @@ def test_mmdit_matches_sd3(qk_norm):
         arch="mmdit", image_size=SIZE, in_channels=C, patch_size=PATCH, hidden_size=HEADS * HEAD_DIM,
         depth=DEPTH, num_heads=HEADS, num_classes=0, context_dim=ctx_dim, pooled_dim=pooled_dim,
         qk_norm=qk_norm,
+        # SD3's table: the centre 8x8 of a 12x12 grid whose positions are rescaled by 8/12.
+        pos_embed_offset=2.0, pos_embed_scale=8 / 12,
     )  # fmt: skip
     model = mmdit_from_diffusers(ref.state_dict(), cfg)
+    with pytest.raises(ValueError, match="position table"):  # a config that describes another table
+        mmdit_from_diffusers(ref.state_dict(), dataclasses.replace(cfg, pos_embed_scale=1.0))
 
     x, t, x_torch, t_torch = _inputs(seed=3)
     rng = np.random.default_rng(4)

@@ -160,11 +160,12 @@ def sample_loop(
     rng: jax.Array,
     null_class: int | None = None,
     return_trajectory: bool = False,
+    null_cond=None,
 ):
     """DDPM ancestral (cfg.method "ddpm") or DDIM (eta 0, "ddim") sampling in one `lax.scan` over
     cfg.num_steps respaced timesteps, from x_T = noise. `rng` draws the ancestral noise (step i
     uses fold_in(rng, i)). Returns what the flow `sample_loop` returns."""
-    from jax_mmdit.flow.samplers import guided_model
+    from jax_mmdit.flow.samplers import check_condition, guided_model
 
     B, C = noise_BxHxWxC.shape[0], noise_BxHxWxC.shape[-1]
     T = flow_cfg.num_train_timesteps
@@ -174,7 +175,8 @@ def sample_loop(
     rows = {k: jnp.asarray(v[::-1], jnp.float32) for k, v in tab.items()}
     rows["t"] = jnp.asarray(steps[::-1] / T, jnp.float32)
     rows["i"] = jnp.arange(len(steps), dtype=jnp.int32)
-    f = guided_model(model_fn, y_B, cfg, null_class, B, C)
+    check_condition(y_B, B)
+    f = guided_model(model_fn, y_B, cfg, null_class, B, C, null_cond=null_cond)
 
     def body(x, r):
         out = f(x, r["t"])

@@ -35,11 +35,14 @@ def guided_model(
     B: int,
     C: int,
     keep: int | None = None,
+    null_cond=None,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Returns f(x, t) with t a scalar: model_fn's float32 output (its first `keep` channels, None =
     all; at least C) with classifier-free guidance as the config asks, on the first
     cfg.cfg_channels (default C) channels; any further channels (a learned variance) come from the
-    conditional pass."""
+    conditional pass. The condition `y_B` is labels (the unconditional pass gets null_class) or a
+    pytree of arrays with leading dim B, e.g. text embeddings, whose unconditional pass gets
+    `null_cond` (same structure, leading dim 1 or B: the empty or negative prompt)."""
     k = C if cfg.cfg_channels is None else cfg.cfg_channels
     if k > C:
         raise ValueError(f"cfg_channels={k} exceeds the {C} channels of the prediction.")
@@ -56,16 +59,20 @@ def guided_model(
     # cfg_scale == 1 is exactly the conditional model, so skip the unconditional pass altogether.
     if cfg.cfg_scale == 1.0:
         return f_cond
-    if not is_conditional(null_class) or y_B is None:
+    if y_B is None or (null_cond is None and not is_conditional(null_class)):
         raise ValueError(
-            f"cfg_scale={cfg.cfg_scale} needs a class-conditional model (null_class > 0) and labels y; "
-            "use cfg_scale=1.0 for unconditional sampling."
+            f"cfg_scale={cfg.cfg_scale} needs a conditional model (labels with null_class > 0, or a condition "
+            "with its null_cond); use cfg_scale=1.0 for unconditional sampling."
         )
+    if null_cond is None:
+        y_null = jnp.full_like(y_B, null_class)
+    else:
+        y_null = jax.tree.map(lambda n, y: jnp.broadcast_to(n, y.shape).astype(y.dtype), null_cond, y_B)
+    y_2B = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), y_B, y_null)
 
     def f_guided(x_BxHxWxC, t):
         # One batched forward for both branches: better device utilisation than two calls.
         x_2BxHxWxC = jnp.concatenate([x_BxHxWxC, x_BxHxWxC], axis=0)
-        y_2B = jnp.concatenate([y_B, jnp.full_like(y_B, null_class)], axis=0)
         out_2BxHxWxK = call(x_2BxHxWxC, jnp.full((2 * B,), t, jnp.float32), y_2B)
         cond, uncond = out_2BxHxWxK[:B], out_2BxHxWxK[B:]
         guided = uncond[..., :k] + cfg.cfg_scale * (cond[..., :k] - uncond[..., :k])
@@ -82,6 +89,17 @@ def guided_model(
     return f_interval
 
 
+def check_condition(y_B, B: int) -> None:
+    """Labels of shape (B,), or a condition pytree whose arrays all lead with B."""
+    if y_B is None:
+        return
+    if not isinstance(y_B, dict) and jnp.shape(y_B) != (B,):
+        raise ValueError(f"y must have shape ({B},) to match noise, got {jnp.shape(y_B)}.")
+    bad = [jnp.shape(a) for a in jax.tree.leaves(y_B) if jnp.shape(a)[:1] != (B,)]
+    if bad:
+        raise ValueError(f"Every array of the condition must lead with the batch {B}, got {bad}.")
+
+
 def sample_loop(
     velocity_fn: VelocityFn,
     noise_BxHxWxC: jax.Array,
@@ -89,6 +107,7 @@ def sample_loop(
     cfg: SamplerConfig,
     null_class: int | None = None,
     return_trajectory: bool = False,
+    null_cond=None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Integrates dx/dt = v(x, t) from t = 1 (noise_BxHxWxC) to t = 0; pure and jittable (caller jits).
 
@@ -106,9 +125,8 @@ def sample_loop(
     if noise_BxHxWxC.ndim < 2 or not jnp.issubdtype(noise_BxHxWxC.dtype, jnp.floating):
         raise ValueError(f"noise must be a float array [B, ...], got {noise_BxHxWxC.dtype}{noise_BxHxWxC.shape}.")
     B, C = noise_BxHxWxC.shape[0], noise_BxHxWxC.shape[-1]
-    if y_B is not None and y_B.shape != (B,):
-        raise ValueError(f"y must have shape ({B},) to match noise, got {y_B.shape}.")
-    v = guided_model(velocity_fn, y_B, cfg, null_class, B, C, keep=C)
+    check_condition(y_B, B)
+    v = guided_model(velocity_fn, y_B, cfg, null_class, B, C, keep=C, null_cond=null_cond)
     t_S = time_grid(cfg.num_steps, cfg.shift)
 
     def euler_step(x, t, t_next):
@@ -135,17 +153,18 @@ def sample_loop(
 
 
 @partial(jax.jit, static_argnames=("graphdef", "cfg", "flow", "null_class", "return_trajectory"))
-def _sample_jitted(graphdef, state, noise_BxHxWxC, y_B, rng, *, cfg, flow, null_class, return_trajectory):
+def _sample_jitted(graphdef, state, noise_BxHxWxC, y_B, rng, null_cond, *, cfg, flow, null_class, return_trajectory):
     # jax.jit keys its cache on the static (hashable) graphdef and configs: repeated calls with the
     # same model structure, configs and shapes reuse the compiled loop, whatever the weights.
     model = nnx.merge(graphdef, state)
-    fn = lambda x, t, y: model(x, t, y)  # noqa: E731
+    # A dict condition holds the model's keyword inputs (text: context_BxTxE, pooled_BxP, ...).
+    fn = lambda x, t, y: model(x, t, **y) if isinstance(y, dict) else model(x, t, y)  # noqa: E731
     if flow.objective == "ddpm":
         from jax_mmdit.flow import ddpm  # ddpm builds on this module
 
-        return ddpm.sample_loop(fn, noise_BxHxWxC, y_B, cfg, flow, rng, null_class, return_trajectory)
+        return ddpm.sample_loop(fn, noise_BxHxWxC, y_B, cfg, flow, rng, null_class, return_trajectory, null_cond)
     fn = sit_model(fn) if flow.objective == "sit" else fn
-    return sample_loop(fn, noise_BxHxWxC, y_B, cfg, null_class, return_trajectory)
+    return sample_loop(fn, noise_BxHxWxC, y_B, cfg, null_class, return_trajectory, null_cond)
 
 
 def compiled_sampler_count() -> int:
@@ -162,6 +181,7 @@ def sample(
     return_trajectory: bool = False,
     flow: FlowConfig | None = None,
     rng: jax.Array | None = None,
+    null_cond=None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Samples from an NNX model `model(x, t_B, y_B)` with the whole loop in one jitted call.
 
@@ -169,7 +189,9 @@ def sample(
     same ODE samplers through `sit_model`, "ddpm" the DDPM/DDIM samplers of `jax_mmdit.flow.ddpm`,
     whose ancestral noise comes from `rng` (None: key 0). The null class is `model.null_class`
     (== num_classes); a model without it, or with 0, is unconditional and cannot use
-    cfg_scale != 1. Returns what `sample_loop` returns.
+    cfg_scale != 1. A text-conditioned model takes `y_B` as a dict of its keyword inputs
+    (context_BxTxE, pooled_BxP, context_mask_BxT) and guides against `null_cond` (the same for the
+    empty or negative prompt). Returns what `sample_loop` returns.
     """
     flow = FlowConfig() if flow is None else flow
     check_sampler_fits(flow, cfg)
@@ -183,6 +205,7 @@ def sample(
         noise_BxHxWxC,
         y_B,
         rng,
+        null_cond,
         cfg=cfg,
         flow=flow,
         null_class=null_class,

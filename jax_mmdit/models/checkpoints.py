@@ -320,4 +320,14 @@ def sd3_config(config: Mapping[str, Any], image_size: int | None = None) -> Mode
         context_dim=d["joint_attention_dim"], pooled_dim=d["pooled_projection_dim"], qk_norm=d["qk_norm"] is not None,
         learn_sigma=_learn_sigma(d["in_channels"], d["out_channels"]),
         dual_attention_layers=tuple(d["dual_attention_layers"]),
+        **_sd3_positions(d, image_size),
     )  # fmt: skip
+
+
+def _sd3_positions(d: Mapping[str, Any], image_size: int) -> dict[str, float]:
+    """SD3's table: positions i * base / M of an M x M grid (M = pos_embed_max_size, base =
+    sample_size / patch), centre-cropped to our grid, as diffusers' PatchEmbed builds it."""
+    p = d["patch_size"]
+    grid, base = image_size // p, d["sample_size"] // p
+    m = d["pos_embed_max_size"] or base
+    return {"pos_embed_offset": float((m - grid) // 2), "pos_embed_scale": base / m}

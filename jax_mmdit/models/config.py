@@ -98,6 +98,10 @@ class ModelConfig:
     # The timestep embedder sees time_scale * t: 1000 maps t in [0, 1] onto DiT/SD3's 0..1000
     # timestep range; SiT's published weights embed t in [0, 1] directly (time_scale 1).
     time_scale: float = 1000.0
+    # The sin-cos table's positions are (offset + i) * scale for i in [0, grid): DiT's with (0, 1);
+    # SD3's table is a centre crop of a larger grid rescaled to its training size.
+    pos_embed_offset: float = 0.0
+    pos_embed_scale: float = 1.0
     # MMDiT only: blocks (0-based) whose image stream adds a second, image-only self-attention
     # after the joint one (SD3.5's "MMDiT-X", e.g. blocks 0..12 of SD3.5 Medium); () = SD3.0.
     dual_attention_layers: tuple[int, ...] = ()
@@ -134,6 +138,7 @@ class ModelConfig:
         need(self.hidden_size % 4 == 0, f"hidden_size must be a multiple of 4, got {self.hidden_size}.")
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}.")
         need(self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}.")
+        need(self.pos_embed_scale > 0, f"pos_embed_scale must be > 0, got {self.pos_embed_scale}.")
         need(self.num_classes >= 0, f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}.")
         need(self.context_dim >= 0 and self.pooled_dim >= 0, "context_dim and pooled_dim must be >= 0.")
         if self.arch == "dit":

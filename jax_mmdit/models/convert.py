@@ -109,12 +109,18 @@ def _build(cfg: ModelConfig, target: dict[str, np.ndarray], ops: Ops | None) -> 
     filled, filled_keys, missing = [], set(), []
     for path, var in nnx.to_flat_state(state):
         key = ".".join(str(p) for p in path)
-        if key in target:
+        if key == "pos_embed" and isinstance(var, FixedEmbedding):
+            # A fixed table is not checkpointed by value (a restored run recomputes it from the
+            # config), so the checkpoint's must be the one the config describes.
+            value = sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size, cfg.pos_embed_offset, cfg.pos_embed_scale)
+            if key in target and not np.allclose(target[key], value, atol=1e-5):
+                diff = float(np.abs(target[key] - value).max())
+                raise UserError(f"The checkpoint's position table is not the sin-cos table its config describes "
+                                f"(max difference {diff:.3g}).")  # fmt: skip
+        elif key in target:
             value = target[key]
             if value.shape != var.shape:
                 raise UserError(f"Shape mismatch for {key}: checkpoint {value.shape}, config {var.shape}.")
-        elif key == "pos_embed" and isinstance(var, FixedEmbedding):
-            value = sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size)
         else:
             missing.append(key)
             continue

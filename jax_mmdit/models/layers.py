@@ -164,12 +164,15 @@ class PatchEmbed(nnx.Module):
         return self.proj(x).astype(jnp.float32).reshape(B, h * w, -1)
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
+def sincos_pos_embed_2d(dim: int, grid: int, offset: float = 0.0, scale: float = 1.0) -> np.ndarray:
     """Fixed 2D sin-cos table (grid*grid, dim) as in DiT/MAE (float64 maths, float32 out).
 
-    Token (i, j) (row i, column j) gets [sincos_{dim/2}(j), sincos_{dim/2}(i)], each [sin, cos]."""
+    Token (i, j) (row i, column j) gets [sincos_{dim/2}(p(j)), sincos_{dim/2}(p(i))], each [sin, cos],
+    at positions p(i) = (offset + i) * scale: DiT's table with (0, 1), a centre crop of SD3's larger,
+    rescaled one otherwise."""
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+    pos = (offset + np.arange(grid, dtype=np.float64)) * scale
+    cols, rows = np.meshgrid(pos, pos)
 
     def one_axis(pos: np.ndarray) -> np.ndarray:
         out = np.outer(pos.reshape(-1), omega)
@@ -178,9 +181,9 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
     return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
 
 
-def make_pos_embed(kind: str, grid: int, hidden: int, rngs: nnx.Rngs) -> nnx.Variable:
+def make_pos_embed(kind: str, grid: int, hidden: int, rngs: nnx.Rngs, offset: float = 0.0, scale: float = 1.0):
     if kind == "sincos":
-        return FixedEmbedding(jnp.asarray(sincos_pos_embed_2d(hidden, grid)))
+        return FixedEmbedding(jnp.asarray(sincos_pos_embed_2d(hidden, grid, offset, scale)))
     return nnx.Param(_normal002(rngs.params(), (grid * grid, hidden), jnp.float32))
 
 

@@ -62,7 +62,7 @@ class MMDiTBlock(nnx.Module):
         self.c_mlp = None if pre_only else Mlp(D, cfg.mlp_ratio, cfg.mlp, dtype, ops, rngs)
 
     def __call__(
-        self, x_BxLxD: jax.Array, ctx_BxTxD: jax.Array, c_BxD: jax.Array
+        self, x_BxLxD: jax.Array, ctx_BxTxD: jax.Array, c_BxD: jax.Array, mask_BxT: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array | None]:
         B, L, D = x_BxLxD.shape
         T = ctx_BxTxD.shape[1]
@@ -80,7 +80,7 @@ class MMDiTBlock(nnx.Module):
             # SD35AdaLayerNormZeroX: the second attention's input is the block input's LayerNorm too.
             x_shift_a2, x_scale_a2, x_gate_a2 = x_mods[6:]
             hx2_NxD = ops.ln_modulate(x_BxLxD, x_shift_a2, x_scale_a2, self.dtype, NORM_EPS).reshape(B * L, D)
-        ox_BxLxD, oc_BxTxD = ops.joint_attention(self.x_attn(hx_NxD, B), self.c_attn(hc_MxD, B))
+        ox_BxLxD, oc_BxTxD = ops.joint_attention(self.x_attn(hx_NxD, B), self.c_attn(hc_MxD, B), mask_BxT)
 
         ax_NxD = self.x_attn_out(ox_BxLxD.reshape(B * L, D))
         x_BxLxD = ops.gated_residual(x_BxLxD, x_gate_a, ax_NxD.reshape(B, L, D))
@@ -109,7 +109,9 @@ class MMDiT(nnx.Module):
         self.cfg = cfg
         D, dtype = cfg.hidden_size, cfg.compute_dtype
         self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, ops, rngs)
-        self.pos_embed = make_pos_embed(cfg.pos_embed, cfg.grid_size, D, rngs)
+        self.pos_embed = make_pos_embed(
+            cfg.pos_embed, cfg.grid_size, D, rngs, cfg.pos_embed_offset, cfg.pos_embed_scale
+        )
         self.t_embedder = TimestepEmbedder(D, dtype, ops, rngs, cfg.time_scale)
         if cfg.uses_class_tokens:
             self.class_tokens = LabelEmbedder(cfg.num_classes, cfg.num_context_tokens * D, rngs)
@@ -170,12 +172,22 @@ class MMDiT(nnx.Module):
         y_B: jax.Array | None = None,
         context_BxTxE: jax.Array | None = None,
         pooled_BxP: jax.Array | None = None,
+        context_mask_BxT: jax.Array | None = None,
     ) -> jax.Array:
-        """Velocity for noisy x at time t in [0, 1], float32 (2C channels with learn_sigma)."""
+        """Velocity for noisy x at time t in [0, 1], float32 (2C channels with learn_sigma).
+        `context_mask_BxT` (bool, text only) marks real tokens: padding neither gives attention to
+        the image tokens nor, through them, changes the output."""
         cfg = self.cfg
         check_inputs(cfg, x_BxHxWxC, t_B)
         B = x_BxHxWxC.shape[0]
         ctx_BxTxD, pooled_BxD = self._condition(y_B, context_BxTxE, pooled_BxP, B)
+        mask = context_mask_BxT
+        if mask is not None:
+            if cfg.uses_class_tokens or mask.shape != ctx_BxTxD.shape[:2]:
+                raise ValueError(
+                    f"context_mask must be (B, T) = {ctx_BxTxD.shape[:2]} for text context, got {mask.shape}."
+                )
+            mask = mask.astype(bool)
 
         x_BxLxD = self.patch_embed(x_BxHxWxC) + self.pos_embed[...][None]
         c_BxD = self.t_embedder(t_B)
@@ -184,9 +196,10 @@ class MMDiT(nnx.Module):
 
         for block in self.blocks:
             if cfg.remat:
-                x_BxLxD, ctx_BxTxD = nnx.remat(lambda blk, x, ctx, c: blk(x, ctx, c))(block, x_BxLxD, ctx_BxTxD, c_BxD)
+                remat = nnx.remat(lambda blk, x, ctx, c, m: blk(x, ctx, c, m))
+                x_BxLxD, ctx_BxTxD = remat(block, x_BxLxD, ctx_BxTxD, c_BxD, mask)
             else:
-                x_BxLxD, ctx_BxTxD = block(x_BxLxD, ctx_BxTxD, c_BxD)
+                x_BxLxD, ctx_BxTxD = block(x_BxLxD, ctx_BxTxD, c_BxD, mask)
 
         out_BxLxK = self.final(x_BxLxD, c_BxD)
         return unpatchify(out_BxLxK, cfg.patch_size, cfg.out_channels).astype(jnp.float32)

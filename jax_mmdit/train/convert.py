@@ -82,12 +82,28 @@ def _latent_info(vae: str, model_cfg) -> dict:
     return run_latent_info(manifest, shift, [float(vae_cfg.scaling_factor)] * C, "")
 
 
-def write_run(cfg, model, out: str | Path, meta: dict, latent_info: dict | None = None) -> Path:
-    """A run directory at `out` (absent or empty) holding `model`'s weights as step 0, `cfg` and
-    `latent_info`; written under a temporary name, then renamed."""
+def _text_info(checkpoint: str, model_cfg) -> dict | None:
+    """SD3's text encoders when `checkpoint` is (or sits in) a pipeline directory that has them."""
+    from jax_mmdit.text.run import check_fits, pipeline_text_encoders, run_text_info
+
+    path = Path(checkpoint).expanduser()
+    for root in (path, path.parent):
+        enc = pipeline_text_encoders(root, width=model_cfg.context_dim)
+        if enc is not None:
+            check_fits(enc, model_cfg)
+            return run_text_info(enc, use_mask=False)  # SD3 attends to its padding
+    print(f"[mmdit] {path} has no text_encoder*/ folders: the run cannot encode prompts.")
+    return None
+
+
+def write_run(cfg, model, out: str | Path, meta: dict, latent_info: dict | None = None,
+              text_info: dict | None = None) -> Path:  # fmt: skip
+    """A run directory at `out` (absent or empty) holding `model`'s weights as step 0, `cfg`,
+    `latent_info` and `text_info`; written under a temporary name, then renamed."""
     import jax
 
     from jax_mmdit.checkpoint import Checkpointer
+    from jax_mmdit.text.run import RUN_TEXT
     from jax_mmdit.train.rundir import write_atomically
     from jax_mmdit.train.trainer import Trainer
     from jax_mmdit.vae.codec import RUN_LATENTS
@@ -107,6 +123,8 @@ def write_run(cfg, model, out: str | Path, meta: dict, latent_info: dict | None 
         write_atomically(tmp / "config.json", cfg.to_json())
         if latent_info is not None:
             write_atomically(tmp / RUN_LATENTS, json.dumps(latent_info, indent=2))
+        if text_info is not None:
+            write_atomically(tmp / RUN_TEXT, json.dumps(text_info, indent=2))
         if target.exists():
             target.rmdir()  # empty, checked above
         tmp.rename(target)
@@ -133,9 +151,10 @@ def convert(kind: str, checkpoint: str, out: str, preset: str | None = None, ima
         )
     cfg = published_config(kind, model_cfg, str(target))
     info = _latent_info(vae, model_cfg) if vae else None
+    text = _text_info(checkpoint, model_cfg) if kind == "sd3" else None
     n_params = count_params(model)["total"]
     meta = {"converted_from": {"kind": kind, "source": str(Path(checkpoint).expanduser())}}
-    write_run(cfg, model, target, meta, info)
+    write_run(cfg, model, target, meta, info, text)
     print(
         f"[mmdit] converted {checkpoint} ({n_params / 1e6:.1f}M params, objective {cfg.flow.objective}, "
         f"{cfg.sampler.num_steps} {cfg.sampler.method} steps) to {target}"

@@ -116,3 +116,22 @@ class SamplingMixin:
         if logger is not None:
             logger.image(step, "samples", grid)
         return out_dir
+
+    def sample_prompts(self, prompts, negative: str = "", seed: int = 0, sampler_cfg=None, batch_size: int = 16):
+        """uint8 images of a text-conditioned run for `prompts`, guided against `negative` (default
+        the empty prompt), with the run's encoders (`text_encoder.json`)."""
+        if self.prompts is None:
+            raise UserError("This run has no text encoders recorded (text_encoder.json); it cannot encode prompts.")
+        m, scfg = self.model_cfg, sampler_cfg or self.cfg.sampler
+        model, out = self.ema_model(), []
+        for i in range(0, len(prompts), batch_size):
+            cond, null = self.prompts(list(prompts[i : i + batch_size]), negative)
+            n = len(cond["context_BxTxE"])
+            key = jax.random.fold_in(jax.random.key(seed), i)
+            noise = jax.random.normal(key, (n, m.image_size, m.image_size, m.in_channels), jnp.float32)
+            cond, null = jax.tree.map(jnp.asarray, (cond, null))
+            x = flow_sample(
+                model, noise, cond, scfg, flow=self.cfg.flow, rng=jax.random.fold_in(key, 1), null_cond=null
+            )
+            out.append(self.decoder(jax.device_get(x)))
+        return np.concatenate(out)

@@ -26,6 +26,7 @@ from jax_mmdit.errors import UserError
 from jax_mmdit.eval.evaluators import build_evaluators
 from jax_mmdit.flow import make_loss_fn
 from jax_mmdit.models import count_params, create_model
+from jax_mmdit.text.run import PromptConditioner, read_run_text_info
 from jax_mmdit.train import mesh as mesh_lib
 from jax_mmdit.train import profiler
 from jax_mmdit.train.init_from import load_init_params
@@ -93,6 +94,7 @@ class Trainer(SamplingMixin):
         # (run_dir/latents.json, written when training starts, read by `Trainer.load`).
         self.latent_info = latent_run_info(self.train_data, cfg.data)
         self.decoder = SampleDecoder(self.latent_info, cfg.data.vae)
+        self.prompts = None  # a text run's PromptConditioner (`Trainer.load` reads text_encoder.json)
         # What identifies the training data; saved with every checkpoint, compared on resume.
         self.data_fingerprint = self.train_data.fingerprint() if self.train_data else None
 
@@ -448,6 +450,8 @@ class Trainer(SamplingMixin):
         cfg = TrainConfig.from_dict({**cfg_dict, "run_dir": str(run_dir), **overrides})
         trainer = cls(cfg, devices=devices, with_data=False, distributed=False)
         trainer.latent_info = read_run_latent_info(run_dir)
+        text_info = read_run_text_info(run_dir)
+        trainer.prompts = PromptConditioner(text_info) if text_info else None
         trainer.decoder = SampleDecoder(trainer.latent_info, cfg.data.vae)
         trainer.checkpointer = Checkpointer(run_dir, read_only=True)
         if trainer.restore(step) is None:
