@@ -24,8 +24,8 @@ def _random_model(cfg: ModelConfig, seed: int):
     """A model with every parameter random (adaLN-Zero's zeros too), so outputs depend on all of them."""
     model = create_model(cfg, nnx.Rngs(seed))
     graphdef, params, rest = split_model(model)
-    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params))))
-    params = jax.tree.map(lambda p: 0.1 * jax.random.normal(next(keys), p.shape), params)
+    rng = np.random.default_rng(seed)  # numpy: no compilation per parameter shape
+    params = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.standard_normal(p.shape), p.dtype), params)
     return nnx.merge(graphdef, params, rest)
 
 
