@@ -169,8 +169,9 @@ RESUMABLE_CHANGES = (
     "run_dir", "n_epochs", "max_steps", "precision", "kernels", "grad_accum_steps", "log_every",
     "eval_save_steps", "n_eval_batches", "sample_every_n", "num_sample_images", "keep_checkpoints",
     "profile", "profile_steps", "allow_config_change", "mesh.*", "sampler.*", "eval.*", "attention",
-    "model.remat", "data.num_workers", "data.strict", "data.vae", "flow.num_loss_bins", "optim.learning_rate",
-    "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio", "optim.weight_decay", "optim.b1", "optim.b2",
+    "model.remat", "init_from", "data.num_workers", "data.strict", "data.vae", "flow.num_loss_bins",
+    "optim.learning_rate", "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio", "optim.weight_decay",
+    "optim.b1", "optim.b2",
     "optim.eps", "optim.grad_clip", "optim.ema_decay", "optim.ema_warmup",
 )  # fmt: skip
 

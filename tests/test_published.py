@@ -94,6 +94,10 @@ def test_init_from_refuses_another_network_or_objective(src_run, tmp_path):
     trainer = Trainer(cfg, with_data=False)
     with pytest.raises(UserError, match="flow.objective: 'ddpm' -> 'sit'"):
         load_init_params(str(run), cfg, trainer.state.params, trainer.mesh, trainer.ops)
+    # A resumed fine-tune may drop or change --init_from: it only starts a fresh run.
+    from jax_mmdit.config import config_differences
+
+    assert config_differences(cfg.to_dict(), dataclasses.replace(cfg, init_from=None)) == []
 
 
 def test_sit_and_latent_runs_sample_and_decode(tmp_path):

@@ -284,9 +284,14 @@ class Trainer(SamplingMixin):
             ckpt = self._ensure_checkpointer()
             self.data_iter = self.train_iterator()
             resumed = self.restore(data_iterator=self.data_iter, check_resume=True)
-            if resumed is None and self.cfg.init_from is not None:
-                params, note = load_init_params(self.cfg.init_from, self.cfg, self.state.params, self.mesh, self.ops)
-                self.state = self._fresh_state(params)
+            if self.cfg.init_from is not None:
+                if resumed is None:
+                    params, note = load_init_params(
+                        self.cfg.init_from, self.cfg, self.state.params, self.mesh, self.ops
+                    )
+                    self.state = self._fresh_state(params)
+                else:
+                    note = f"resuming step {resumed}: --init_from {self.cfg.init_from} only starts a fresh run"
                 if jax.process_index() == 0:
                     print(f"[mmdit] {note}", flush=True)
             if self.evaluators is None:
