@@ -180,3 +180,12 @@ def test_sd3_run_samples_from_a_prompt_as_the_sd3_pipeline_conditions(encoders, 
     assert u8.shape == (2, 16, 16, 1) and u8.dtype == np.uint8
     other = trainer.sample_prompts(PROMPTS[:2], negative="a photo of a bag", sampler_cfg=scfg)
     assert np.abs(other.astype(int) - u8).max() > 0  # the negative prompt steers guidance
+    # An encoder replaced since conversion is refused before it encodes anything.
+    import json
+
+    from jax_mmdit.text.run import PromptConditioner
+
+    cfg_file = root / "text_encoder_2" / "config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "projection_dim": 41}))
+    with pytest.raises(UserError, match="not the one this run recorded"):
+        PromptConditioner(trainer.prompts.info)(["a photo of a bag"])

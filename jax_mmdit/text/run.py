@@ -54,7 +54,7 @@ def pipeline_text_encoders(pipeline: str | Path, width: int | None = None) -> Te
 
 
 def encoder_widths(cfg: TextEncoderConfig) -> tuple[int, int]:
-    """(context_dim, pooled_dim) the encoders produce, from their config.json files (no weights)."""
+    """(widest token width, pooled width) of the encoders, from their config.json files (no weights)."""
 
     def read(path: str) -> dict:
         return json.loads((Path(path).expanduser() / "config.json").read_text())
@@ -62,15 +62,16 @@ def encoder_widths(cfg: TextEncoderConfig) -> tuple[int, int]:
     clips = [read(c) for c in cfg.clip]
     clip_width = sum(c["hidden_size"] for c in clips)
     t5_width = read(cfg.t5)["d_model"] if cfg.t5 else 0
-    return cfg.width or max(clip_width, t5_width), sum(c["projection_dim"] for c in clips)
+    return max(clip_width, t5_width), sum(c["projection_dim"] for c in clips)
 
 
 def check_fits(cfg: TextEncoderConfig, model_cfg) -> None:
-    context, pooled = encoder_widths(cfg)
-    if (context, pooled) != (model_cfg.context_dim, model_cfg.pooled_dim):
+    """The encoders' tokens (zero-padded up to the model's width) and pooled embedding fit the model."""
+    widest, pooled = encoder_widths(cfg)
+    if widest > model_cfg.context_dim or pooled != model_cfg.pooled_dim:
         raise UserError(
-            f"The text encoders give context width {context} and pooled width {pooled}; the model takes "
-            f"{model_cfg.context_dim} and {model_cfg.pooled_dim}."
+            f"The text encoders give tokens {widest} wide and a pooled embedding of {pooled}; the model takes "
+            f"context width {model_cfg.context_dim} and pooled width {model_cfg.pooled_dim}."
         )
 
 
@@ -83,7 +84,14 @@ class PromptConditioner:
 
     def _encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
         if self._encoder is None:
-            self._encoder = TextEncoder(TextEncoderConfig(**self.info["encoder"]))
+            cfg = TextEncoderConfig(**self.info["encoder"])
+            recorded, found = self.info["identity"], identity(cfg)
+            for a, b in zip([*recorded["clip"], recorded["t5"]], [*found["clip"], found["t5"]]):
+                if a is not None and a["config_sha256"] != b["config_sha256"]:
+                    raise UserError(
+                        f"The text encoder at {b['path']} is not the one this run recorded (its config differs)."
+                    )
+            self._encoder = TextEncoder(cfg)
         out = self._encoder.encode(prompts)
         cond = {"context_BxTxE": out.tokens_BxTxE}
         if out.pooled_BxP is not None:

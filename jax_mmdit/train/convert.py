@@ -19,8 +19,7 @@ import shutil
 from pathlib import Path
 
 from jax_mmdit.errors import UserError
-
-KINDS = ("dit", "sit", "diffusers-dit", "sd3")
+from jax_mmdit.models.checkpoints import KINDS, load_published
 
 
 def published_config(kind: str, model_cfg, run_dir: str):
@@ -138,7 +137,6 @@ def convert(kind: str, checkpoint: str, out: str, preset: str | None = None, ima
             vae: str | None = None) -> Path:  # fmt: skip
     """Convert `checkpoint` (a file or directory of format `kind`) into the run directory `out`."""
     from jax_mmdit.models import count_params
-    from jax_mmdit.models.checkpoints import load_published
 
     target = Path(out).expanduser()
     if target.exists() and any(target.iterdir()):  # checked before the (slow) reading, too
