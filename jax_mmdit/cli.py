@@ -1,5 +1,5 @@
-"""The `mmdit` command: train, sample, eval, fid-stats, train-classifier, train-vae, encode, convert,
-profile, info, datasets.
+"""The `mmdit` command: train, sample, eval, fid-stats, train-classifier, train-vae, encode,
+encode-text, convert, profile, info, datasets.
 
 mmdit train --config fashion_mnist --optim.learning_rate 1e-3 --mesh.fsdp 2
 mmdit encode --vae sd-vae-ft-ema --dataset imagenet --source ~/ILSVRC/train --out latents/imagenet256
@@ -29,6 +29,7 @@ USAGE = """usage: mmdit COMMAND [options]
   train-classifier  train a dataset's small evaluation CNN (the offline metric)
   train-vae         train a small VAE on a dataset (a diffusers-format directory, for `encode`)
   encode            images -> VAE latent shards, for latent diffusion (`train --data.source DIR`)
+  encode-text       captions -> text-encoder embeddings, for text-to-image (`train --data.captions DIR`)
   convert           a published DiT/SiT/SD3 checkpoint -> a run directory (sample it, --init_from it)
   profile           a few training steps: FLOPs per step, FLOP/s, MFU, memory, a jax.profiler trace
   info              parameter count and forward GFLOPs of a model preset
@@ -38,6 +39,11 @@ latent diffusion: a VAE (a published diffusers directory, or `mmdit train-vae`),
   mmdit encode --vae VAE --dataset NAME --source IMAGES --resolution 256 --out LATENTS
   mmdit train --config PRESET --data.source LATENTS
   mmdit sample --run RUN --out samples.png            (decoded with the run's VAE)
+
+text-to-image: captions (a text column, sidecar .txt/.json files, or --templates) -> embeddings
+  mmdit encode-text --dataset NAME --caption_column text --clip CLIP_DIR --out CAPTIONS
+  mmdit train --config fashion_mnist_text --data.captions CAPTIONS
+  mmdit sample --run RUN --prompt "a photo of a sandal" --out sandal.png
 
 published weights: convert, sample, fine-tune (a new class count or image size is allowed)
   mmdit convert --from dit DiT-XL-2-256x256.pt --vae VAE --out runs/dit-xl2
@@ -291,6 +297,12 @@ def _convert(argv: list[str]) -> int:
     return cmd_convert(argv)
 
 
+def _encode_text(argv: list[str]) -> int:
+    from jax_mmdit.text.encode import cmd_encode_text
+
+    return cmd_encode_text(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -299,6 +311,7 @@ COMMANDS = {
     "train-classifier": _eval_command("cmd_train_classifier"),
     "train-vae": _vae_command("train", "cmd_train_vae"),
     "encode": _vae_command("encode", "cmd_encode"),
+    "encode-text": _encode_text,
     "convert": _convert,
     "profile": cmd_profile,
     "info": cmd_info,

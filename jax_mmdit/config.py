@@ -103,6 +103,9 @@ class TrainConfig:
     n_eval_batches: int = 10  # eval-split batches of the "loss" evaluator
     sample_every_n: int = 500  # steps between sample grids/GIFs (0: only at the end)
     num_sample_images: int = 16  # one per class, capped here
+    # Text runs: the prompts of the sample grids; empty = the captions' (one per class for templated
+    # captions, else their first ones).
+    sample_prompts: tuple[str, ...] = ()
     keep_checkpoints: int = 3
     profile: bool = False  # run a few steps, print FLOPs/MFU/memory, write a trace, exit
     profile_steps: int = 5
@@ -167,7 +170,7 @@ class TrainConfig:
 # --allow_config_change. A trailing ".*" covers a whole sub-config.
 RESUMABLE_CHANGES = (
     "run_dir", "n_epochs", "max_steps", "precision", "kernels", "grad_accum_steps", "log_every",
-    "eval_save_steps", "n_eval_batches", "sample_every_n", "num_sample_images", "keep_checkpoints",
+    "eval_save_steps", "n_eval_batches", "sample_every_n", "num_sample_images", "sample_prompts", "keep_checkpoints",
     "profile", "profile_steps", "allow_config_change", "mesh.*", "sampler.*", "eval.*", "attention",
     "model.remat", "init_from", "data.num_workers", "data.strict", "data.vae", "flow.num_loss_bins",
     "optim.learning_rate", "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio", "optim.weight_decay",
@@ -357,6 +360,21 @@ def _fashion_mnist_latents() -> TrainConfig:
     )
 
 
+def _fashion_mnist_text() -> TrainConfig:
+    """Text-to-image on Fashion-MNIST: the default's recipe and size as an MMDiT conditioned on
+    templated captions ("a photo of a sandal", ...) encoded by `mmdit encode-text` (as the README
+    shows). Judged like the default: samples of each class's prompt through the classifier."""
+    base = _fashion_mnist()
+    return dataclasses.replace(
+        base,
+        # Text widths (context_dim, pooled_dim) come from the captions' manifest.
+        model=dataclasses.replace(base.model, arch="mmdit", num_classes=0),
+        # The caption directory `mmdit encode-text --out captions/fashion_mnist` writes.
+        data=DataConfig(name="fashion_mnist", captions="./captions/fashion_mnist"),
+        run_dir="runs/fashion_mnist_text",
+    )
+
+
 def _imagenet_latents() -> TrainConfig:
     """DiT-XL/2's recipe at 256² (Peebles & Xie): 32x32x4 SD-VAE (ft-ema) latents of ImageNet, batch
     256, AdamW at a constant 1e-4 without weight decay or warmup, EMA 0.9999, 400k steps. A GPU recipe:
@@ -389,6 +407,7 @@ PRESETS = {
     "flowers": lambda: _for_dataset("flowers", hidden_size=256, depth=8, num_heads=4, patch_size=4),
     "butterflies": lambda: _for_dataset("butterflies", hidden_size=256, depth=8, num_heads=4, patch_size=4),
     "fashion_mnist_latents": _fashion_mnist_latents,
+    "fashion_mnist_text": _fashion_mnist_text,
     "imagenet": _imagenet_latents,
 }
 

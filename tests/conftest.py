@@ -37,3 +37,17 @@ def pytest_configure(config):
         from jax_mmdit import ops
 
         ops.set_auto(kernels)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fm_captions(tmp_path_factory):
+    """Templated captions of all of Fashion-MNIST (`mmdit encode-text --standin`), stored in fp32."""
+    from jax_mmdit.text.encode import cmd_encode_text
+
+    out = tmp_path_factory.mktemp("cap") / "fm"
+    assert cmd_encode_text(["--dataset", "fashion_mnist", "--templates", "default", "--standin",
+                            "--dtype", "float32", "--out", str(out)]) == 0  # fmt: skip
+    return out

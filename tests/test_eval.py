@@ -104,6 +104,12 @@ def test_real_images_score_near_the_floor_and_noise_far_from_it(classifier_dir):
         real["eval/class_accuracy"] > 0.7 and abs(real["eval/class_accuracy"] - real["eval/class_accuracy_real"]) < 0.1
     )
     assert real["eval/classifier_fd"] < 2 * real["eval/classifier_fd_real"] + 1
+    # The worst class is a real class's accuracy: below the mean, and that class's own figure.
+    from jax_mmdit.eval.evaluators import per_class_accuracy
+
+    by_class = per_class_accuracy(ev.classifier, x, y)
+    assert real["eval/class_accuracy_min"] == min(by_class.values()) < real["eval/class_accuracy"]
+    assert len(by_class) == 10 and abs(np.mean([by_class[k] for k in y]) - real["eval/class_accuracy"]) < 1e-6
     assert noise["eval/classifier_fd"] > 10 * real["eval/classifier_fd"] and noise["eval/class_accuracy"] < 0.3
 
 

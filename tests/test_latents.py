@@ -219,3 +219,17 @@ def test_a_run_decodes_only_with_the_vae_that_encoded_it(vae, latents, tmp_path)
         LatentCodec(info, str(other))
     with pytest.raises(UserError, match="is not at"):
         LatentCodec(info, str(tmp_path / "gone"))
+
+
+def test_latents_carry_the_captions_of_their_images(latents, fm_captions):
+    """Captions line up with the latents of the images they were written for."""
+    from jax_mmdit.data.captions import TEXT_KEYS, read_text_manifest
+
+    data = build_dataset(DataConfig(name="fashion_mnist", source=str(latents), captions=str(fm_captions)), "train")
+    texts, class_prompts = data.table.texts(), read_text_manifest(fm_captions)["class_prompts"]
+    everything = data.table.gather(np.arange(len(texts)))["context_BxTxE"]
+    batch = next(data.iterator(8, seed=0))
+    assert set(batch) == {"image", "label", *TEXT_KEYS}
+    for tokens, y in zip(batch["context_BxTxE"], batch["label"]):
+        (match,) = np.flatnonzero(np.abs(everything - tokens).max(axis=(1, 2)) == 0)
+        assert texts[match].endswith(class_prompts[y].split(" of ")[-1])

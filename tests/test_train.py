@@ -75,12 +75,19 @@ def test_fsdp_partitions_params_and_optimizer_state(tmp_path):
     assert big and all("fsdp" in str(x.sharding.spec) for x in big)
 
 
-def test_grad_accumulation_averages_micro_batch_gradients(tmp_path):
+@pytest.mark.parametrize("text", [False, True], ids=["labels", "captions"])
+def test_grad_accumulation_averages_micro_batch_gradients(tmp_path, request, text):
     # Micro-batch i is rows i, i+A, ... with key fold_in(step_key, i): recompute that by hand.
     from flax import nnx
 
+    from jax_mmdit.train.step import condition_of
+
     accum = 2
     cfg = tiny(tmp_path, grad_accum_steps=accum, mesh=MeshConfig(data=4, fsdp=2))
+    if text:  # the text condition (context, mask, pooled) is split into the same micro-batches
+        captions = str(request.getfixturevalue("fm_captions"))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="mmdit", num_classes=0),
+                                  data=dataclasses.replace(cfg.data, captions=captions))  # fmt: skip
     tr = Trainer(cfg, devices=jax.devices()[:8])
     batch = next(tr.train_data.iterator(cfg.batch_size, seed=cfg.seed))
     params0 = jax.device_get(tr.state.params)
@@ -90,7 +97,7 @@ def test_grad_accumulation_averages_micro_batch_gradients(tmp_path):
     def micro(i):
         def loss(p):
             model = nnx.merge(tr.graphdef, p, tr.rest)
-            x, y = batch["image"][i::accum], batch["label"][i::accum]
+            x, y = batch["image"][i::accum], jax.tree.map(lambda a: a[i::accum], condition_of(batch))
             return tr.loss_fn(model, x, y, jax.random.fold_in(step_key, i))[0]
 
         return jax.value_and_grad(loss)(params0)
@@ -247,6 +254,17 @@ def test_mmdit_with_class_tokens_trains_sharded_like_single_device(tmp_path):
     ref, _ = run_losses(dataclasses.replace(cfg, mesh=MeshConfig(data=1)), jax.devices()[:1])
     got, _ = run_losses(dataclasses.replace(cfg, mesh=MeshConfig(data=2, fsdp=4)), jax.devices()[:8])
     assert len(set(np.round(ref, 6))) == N_STEPS  # the parameters really change
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+def test_text_mmdit_on_captions_trains_sharded_like_single_device(tmp_path, fm_captions):
+    """Text batches (context, mask, pooled) shard with the images."""
+    base = same_ops(tmp_path)
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, arch="mmdit", num_classes=0),
+                              data=dataclasses.replace(base.data, captions=str(fm_captions)))  # fmt: skip
+    ref, _ = run_losses(dataclasses.replace(cfg, mesh=MeshConfig(data=1)), jax.devices()[:1])
+    got, _ = run_losses(dataclasses.replace(cfg, mesh=MeshConfig(data=2, fsdp=4)), jax.devices()[:8])
+    assert len(set(np.round(ref, 6))) == N_STEPS
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
 
 

@@ -25,6 +25,9 @@ class DataConfig:
     # Latent sources: the VAE directory that decodes samples, when it is no longer where the latent
     # manifest says (it must be the same VAE: checked by its weights' hash). None = the manifest's.
     vae: str | None = None
+    # A caption directory written by `mmdit encode-text` for this dataset and source: every batch
+    # then carries one caption's embeddings per example (text-to-image training). None = no text.
+    captions: str | None = None
     # Overrides the spec's target image size (e.g. 32 for MNIST to fit a patch size of 4 or 8).
     image_size: int | None = None
     # Random horizontal flips of training images; only where the dataset allows it (never digits).
@@ -50,5 +53,7 @@ class DataConfig:
             raise UserError(f"data.max_examples must be positive, got {self.max_examples}.")
         if self.num_workers < 0:
             raise UserError(f"data.num_workers must be >= 0, got {self.num_workers}.")
+        if self.captions is not None and not self.captions.strip():
+            raise UserError("data.captions must be a caption directory, not an empty string.")
         if self.source is not None and not self.source.strip():
             raise UserError("data.source must be a hub id or a path, not an empty string.")

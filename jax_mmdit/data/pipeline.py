@@ -19,6 +19,8 @@ re-slices the pipeline at that step: no grain internals, any worker count, any p
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,15 +28,17 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
+from jax_mmdit.data.captions import CaptionedRecords, CaptionTable, unwrap
 from jax_mmdit.data.config import DataConfig
 from jax_mmdit.data.latents import LatentRecords, latent_normalization, read_manifest
 from jax_mmdit.data.registry import get_spec
-from jax_mmdit.data.sources import HFRecords, Records, detect_source, load_splits
+from jax_mmdit.data.sources import HFRecords, Records, detect_source, load_splits, resolve_source
 from jax_mmdit.errors import UserError
 
 # Mixed into the RNG seeds so flips and latent noise stay independent of other draws from the seed.
 _FLIP_STREAM = 0x666C6970
 _LATENT_STREAM = 0x6C61746E
+_CAPTION_STREAM = 0x63617074
 # Fixed seed of the held-out eval slice: the eval set must not change with the training seed.
 _HOLDOUT_SEED = 0
 # Batches prepared ahead by background threads: overlaps loading with the training step while
@@ -52,6 +56,7 @@ class DatasetInfo:
     num_classes: int
     class_names: tuple[str, ...] | None
     is_latent: bool  # a latent directory: `image` is a normalised VAE latent, not pixels
+    captions: str | None = None  # the caption directory whose embeddings each batch carries
 
 
 @dataclass(frozen=True)
@@ -61,15 +66,26 @@ class _LoadBatch:
     A picklable object rather than a closure: worker processes receive it by pickling.
     """
 
-    records: Records | LatentRecords
+    records: Records | LatentRecords | CaptionedRecords
     start: int  # this process's rows of each global batch
     stop: int
     seed: int
     flip: bool
     # Latents: (shift_C, scale_C), the model sees (z - shift) * scale; None: uint8 pixels -> [-1, 1].
     latent_norm: tuple[np.ndarray, np.ndarray] | None
+    # Captioned data: the embeddings; each example's caption is drawn afresh every step.
+    table: CaptionTable | None = None
 
     def __call__(self, step: int, indices_G: np.ndarray) -> dict[str, np.ndarray]:
+        batch = self._images(step, indices_G)
+        if self.table is not None:
+            # Drawn for the whole global batch, like flips: independent of process_count.
+            u = np.random.default_rng((self.seed, _CAPTION_STREAM, step)).random(len(indices_G))
+            mine = slice(self.start, self.stop)
+            batch |= self.table.gather(self.records.captions.draw(indices_G[mine], u[mine]))
+        return batch
+
+    def _images(self, step: int, indices_G: np.ndarray) -> dict[str, np.ndarray]:
         images, labels = self.records.read(indices_G[self.start : self.stop])
         # Drawn for the whole global batch so an example's flip does not depend on process_count.
         flips = None
@@ -97,7 +113,8 @@ class _LoadBatch:
 
 
 class BatchIterator:
-    """Yields batches {"image": float32[B_local, H, W, C], "label": int32[B_local]}; checkpointable.
+    """Yields batches {"image": float32[B_local, H, W, C], "label": int32[B_local]} (captioned data:
+    also the TEXT_KEYS of one caption per example); checkpointable.
 
     `get_state()` is a small JSON-able dict; `set_state()` makes the next batch exactly the one the
     uninterrupted iterator would have yielded. Call `close()` (or use `with`) to stop worker processes.
@@ -172,6 +189,7 @@ class ImageDataset:
         num_workers: int,
         latent_norm: tuple[np.ndarray, np.ndarray] | None = None,
         manifest: dict | None = None,
+        table: CaptionTable | None = None,
     ):
         self.info = info
         self.records = records
@@ -179,6 +197,7 @@ class ImageDataset:
         self.num_workers = num_workers
         self.latent_norm = latent_norm  # (shift_C, scale_C) of a latent directory
         self.manifest = manifest  # a latent directory's manifest (its VAE, statistics, shards)
+        self.table = table  # captioned data: the caption embeddings
 
     def fingerprint(self, samples: int = 32) -> dict[str, Any]:
         """What identifies this data: its name, size, shape and a hash of `samples` evenly spaced
@@ -186,6 +205,8 @@ class ImageDataset:
         n = self.info.num_examples
         images, labels = self.records.read(np.unique(np.linspace(0, n - 1, min(samples, n)).astype(np.int64)))
         digest = hashlib.sha256(np.ascontiguousarray(images).tobytes() + np.asarray(labels, np.int64).tobytes())
+        if self.table is not None:  # other captions are other data
+            digest.update(json.dumps(self.table.manifest, sort_keys=True).encode())
         return {"name": self.info.name, "num_examples": n, "image_shape": list(self.info.image_shape),
                 "sample_sha256": digest.hexdigest()[:16]}  # fmt: skip
 
@@ -241,9 +262,8 @@ class ImageDataset:
         batches = batches.batch(global_batch_size, drop_remainder=True)
         if repeat:
             batches = batches.repeat()
-        load = _LoadBatch(
-            self.records, process_index * local, (process_index + 1) * local, seed, self.flip, self.latent_norm
-        )
+        load = _LoadBatch(self.records, process_index * local, (process_index + 1) * local, seed, self.flip,
+                          self.latent_norm, self.table)  # fmt: skip
         batches = batches.map_with_index(load)
         fingerprint = {
             "dataset": self.info.name,
@@ -266,9 +286,13 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "eval"]) -> ImageData
         raise UserError("data.vae names the VAE of a latent directory, but data.source is not one.")
     image_size = cfg.image_size or spec.image_size
     splits, class_names = load_splits(spec, cfg.source, image_size)
+    table = None
+    if cfg.captions is not None:
+        table = caption_table(cfg, resolve_source(spec, cfg.source))
+        splits = {name: CaptionedRecords(r, table.index(name)) for name, r in splits.items()}
     records = pick_split(splits, spec, cfg, split)
-    if isinstance(records, HFRecords):  # every image decoded once here, before any training step
-        records, unreadable = records.decode_all() if spec.in_memory else records.readable()
+    if isinstance(unwrap(records), HFRecords):  # every image decoded once here, before any training step
+        records, unreadable, _ = records.decode_all() if spec.in_memory else records.readable()
         if unreadable:
             listed = "; ".join(unreadable[:3]) + (f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
             where = f"the {split} split of {cfg.source or spec.name!r}"
@@ -285,9 +309,24 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "eval"]) -> ImageData
         num_classes=spec.num_classes,
         class_names=class_names,
         is_latent=False,
+        captions=None if table is None else table.directory,
     )
     flip = spec.flip and cfg.flip and split == "train"
-    return ImageDataset(info, records, flip, cfg.num_workers)
+    return ImageDataset(info, records, flip, cfg.num_workers, table=table)
+
+
+def _same_path(a: str, b: str) -> bool:
+    return a == b or os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+def caption_table(cfg: DataConfig, source: str) -> CaptionTable:
+    """The caption directory of cfg.captions, checked to be of this dataset and source."""
+    table = CaptionTable(cfg.captions)
+    m = table.manifest
+    if m["dataset"] != cfg.name or not _same_path(m["source"], source):
+        raise UserError(f"The captions in {cfg.captions} were encoded for {m['dataset']!r} from {m['source']}, not "
+                        f"{cfg.name!r} from {source}: encode captions for this data.")  # fmt: skip
+    return table
 
 
 def pick_split(splits: dict[str, Records], spec, cfg: DataConfig, split: str) -> Records:
@@ -321,7 +360,10 @@ def _latent_dataset(cfg: DataConfig, split: str) -> ImageDataset:
             f"The latents in {cfg.source} have {manifest['num_classes']} classes but dataset {spec.name!r} has "
             f"{spec.num_classes}: set --data.name to the dataset they were encoded from ({manifest['dataset']!r})."
         )
-    records = LatentRecords(cfg.source, manifest)
+    records, table = LatentRecords(cfg.source, manifest), None
+    if cfg.captions is not None:
+        table = caption_table(cfg, manifest["source"])
+        records = CaptionedRecords(records, _latent_captions(table, manifest, spec, cfg.source))
     train_indices, eval_indices = _held_out(len(records), cfg.eval_fraction)
     records = records.select(train_indices if split == "train" else eval_indices)
     if split == "train" and cfg.max_examples is not None:
@@ -334,11 +376,24 @@ def _latent_dataset(cfg: DataConfig, split: str) -> ImageDataset:
         num_classes=manifest["num_classes"],
         class_names=tuple(manifest["class_names"]) if manifest.get("class_names") else spec.class_names,
         is_latent=True,
+        captions=None if table is None else table.directory,
     )
     # A flip picks the encoding of the mirrored image, where the directory holds one.
     flip = spec.flip and cfg.flip and split == "train" and manifest["variants"] == 2
     norm = (np.asarray(shift, np.float32), np.asarray(scale, np.float32))
-    return ImageDataset(info, records, flip, cfg.num_workers, latent_norm=norm, manifest=manifest)
+    return ImageDataset(info, records, flip, cfg.num_workers, latent_norm=norm, manifest=manifest, table=table)
+
+
+def _latent_captions(table: CaptionTable, manifest: dict, spec, source: str):
+    """The caption ids of a latent directory's examples: its split's first num_examples (encoding
+    keeps the source's order; a skipped image would shift it, so it is refused)."""
+    if manifest["skipped"]:
+        raise UserError(f"{source} skipped {manifest['skipped']} unreadable image(s) when it was encoded, so its "
+                        "latents no longer line up with the captions: remove them from the source and encode both "
+                        "again.")  # fmt: skip
+    names = [spec.train_split] if manifest["split"] == "train" else [n for n in (spec.eval_split, "test") if n]
+    name = next((n for n in names if n in table.manifest["splits"]), names[0])
+    return table.index(name).select(np.arange(manifest["num_examples"]))
 
 
 def _held_out(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -106,9 +106,9 @@ class HFRecords:
             return center_crop_arr(image, self.image_size, self.channels)
         return fit_image(image, self.image_size, self.channels)
 
-    def decode_all(self, chunk: int = 1024) -> tuple[ArrayRecords, list[str]]:
+    def decode_all(self, chunk: int = 1024) -> tuple[ArrayRecords, list[str], np.ndarray]:
         """Decode every image once (small datasets): batches then need no Pillow at all. Returns the
-        decodable ones and the names of those that are not (skipped)."""
+        decodable ones, the names of those that are not (skipped) and the indices kept."""
         images = np.empty((len(self), self.image_size, self.image_size, self.channels), np.uint8)
         good, bad = np.ones(len(self), bool), []
         for start, rows in zip(range(0, len(self), chunk), self.dataset.iter(batch_size=chunk)):
@@ -118,10 +118,11 @@ class HFRecords:
                 except IMAGE_ERRORS as e:
                     good[start + i] = False
                     bad.append(f"{image_name(value, start + i)} ({error_reason(e)})")
-        return ArrayRecords(images[good], self.labels[good]), bad
+        return ArrayRecords(images[good], self.labels[good]), bad, np.flatnonzero(good)
 
-    def readable(self, chunk: int = 1024) -> tuple[HFRecords, list[str]]:
-        """The records whose image decodes (checked once, at start-up) and the names of the others."""
+    def readable(self, chunk: int = 1024) -> tuple[HFRecords, list[str], np.ndarray]:
+        """The records whose image decodes (checked once, at start-up), the names of the others and
+        the indices kept."""
         good, bad = [], []
         for start, rows in zip(range(0, len(self), chunk), self.dataset.iter(batch_size=chunk)):
             for i, value in enumerate(rows[self.image_column]):
@@ -130,7 +131,8 @@ class HFRecords:
                     good.append(start + i)
                 except IMAGE_ERRORS as e:
                     bad.append(f"{image_name(value, start + i)} ({error_reason(e)})")
-        return (self if not bad else self.select(np.asarray(good, np.int64))), bad
+        kept = np.asarray(good, np.int64)
+        return (self if not bad else self.select(kept)), bad, kept
 
 
 # What Pillow raises for a file that is not an image, or a truncated or corrupt one.
@@ -247,18 +249,27 @@ def load_splits(
     if kind == "npz":
         images, labels = _read_npz(spec, path)
         return {spec.train_split: _conform(spec, images, labels, image_size, source)}, spec.class_names
+    hf = load_hf_dataset(spec, source)
+    splits = {name: _hf_records(spec, ds, source, image_size, crop) for name, ds in hf.items()}
+    return splits, spec.class_names or _class_label_names(spec, next(iter(hf.values())))
+
+
+def load_hf_dataset(spec: DatasetSpec, source: str) -> datasets.DatasetDict:
+    """The `datasets` splits of a hub id, save_to_disk directory, parquet file(s) or image folder."""
+    kind, path = detect_source(source), os.path.expanduser(source)
     if kind == "hub":
         hf = _load_hub(spec, source)
     elif kind == "disk":
         hf = datasets.load_from_disk(path)
     elif kind == "parquet":
         hf = datasets.load_dataset("parquet", **({"data_dir": path} if os.path.isdir(path) else {"data_files": path}))
-    else:
+    elif kind == "imagefolder":
         hf = datasets.load_dataset("imagefolder", data_dir=path)
+    else:
+        raise UserError(f"{source!r} is a {kind} source, not a `datasets` one.")
     if isinstance(hf, datasets.Dataset):  # save_to_disk of a single split
         hf = datasets.DatasetDict({spec.train_split: hf})
-    splits = {name: _hf_records(spec, ds, source, image_size, crop) for name, ds in hf.items()}
-    return splits, spec.class_names or _class_label_names(spec, next(iter(hf.values())))
+    return hf
 
 
 def _unavailable_message(spec: DatasetSpec, why: str) -> str:

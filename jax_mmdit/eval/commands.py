@@ -136,7 +136,7 @@ def cmd_eval(argv: list[str]) -> int:
     overrides = {"cfg_scale": a.cfg, "num_steps": a.steps, "method": a.method}
     overrides["cfg_interval"] = tuple(a.cfg_interval) if a.cfg_interval else None
     scfg = dataclasses.replace(cfg.sampler, **{k: v for k, v in overrides.items() if v is not None})
-    labels = evs.eval_labels(ecfg, trainer.model_cfg.num_classes)
+    labels = evs.eval_labels(ecfg, trainer.label_classes)
     protocol = {
         "run": str(Path(run).absolute()),
         "checkpoint_step": trainer.step,
@@ -164,10 +164,15 @@ def cmd_eval(argv: list[str]) -> int:
     else:
         ev = evs.ClassifierEvaluator(ecfg, cfg.data, 0)
         scores = ev.score(images, labels)
+        names = trainer.captions(range(trainer.label_classes)) or (trainer.text_info or {}).get("class_prompts")
+        per_class = evs.per_class_accuracy(ev.classifier, images, labels)
+        scores_by_class = {(names[k] if names else str(k)): v for k, v in per_class.items()}
         reference = {"classifier": str(ecfg.path or "default"), "classifier_test_accuracy":
                      ev.classifier.meta["test_accuracy"], "real": "test split"}  # fmt: skip
     result = {"metric": metric, "scores": scores, "protocol": protocol, "reference": reference,
               "samples": str(samples), "metric_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    if metric == "classifier":
+        result["class_accuracy_by_class"] = scores_by_class
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(result, indent=1, sort_keys=True, default=str))
@@ -229,3 +234,8 @@ def _print_table(result: dict) -> None:
     print(f"{'metric':<{width}}  {'samples':>10}  {'real data':>10}")
     for name, v, real in rows:
         print(f"{name:<{width}}  {v:>10.4f}  {'' if real is None else f'{real:>10.4f}'}")
+    if result.get("class_accuracy_by_class"):
+        print(
+            "class accuracy by class: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in result["class_accuracy_by_class"].items())
+        )

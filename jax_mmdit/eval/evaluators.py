@@ -32,6 +32,7 @@ class SampleSource(Protocol):
 
     cfg: object  # the run's TrainConfig
     model_cfg: object
+    label_classes: int  # classes samples can be drawn for (a text run: its class prompts)
 
     def sample_images(self, labels, seed: int, sampler_cfg) -> np.ndarray: ...
 
@@ -133,18 +134,27 @@ class ClassifierEvaluator:
         }
 
     def __call__(self, trainer: SampleSource) -> dict[str, float]:
-        labels = eval_labels(self.cfg, trainer.model_cfg.num_classes)
+        labels = eval_labels(self.cfg, trainer.label_classes)
         scfg = eval_sampler(self.cfg, trainer.cfg.sampler)
         images = trainer.sample_images(labels, self.cfg.seed, scfg, eval_batch_size(len(labels)))
         return self.score(images, labels)
 
     def score(self, images_u8: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         feats, logits = self.classifier.features(images_u8)
+        right = logits.argmax(1) == labels
         return {
-            "eval/class_accuracy": float(np.mean(logits.argmax(1) == labels)),
+            "eval/class_accuracy": float(np.mean(right)),
+            # The worst class's accuracy: a model that draws most classes well can still miss one.
+            "eval/class_accuracy_min": min(float(np.mean(right[labels == k])) for k in np.unique(labels)),
             "eval/classifier_fd": metrics.frechet_distance(*metrics.feature_stats(feats), *self.ref),
             **self.floors,
         }
+
+
+def per_class_accuracy(classifier, images_u8: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Each drawn class's share of samples that the classifier recognises as it."""
+    right = classifier.features(images_u8)[1].argmax(1) == labels
+    return {int(k): float(np.mean(right[labels == k])) for k in np.unique(labels)}
 
 
 class FidEvaluator:
@@ -175,7 +185,7 @@ class FidEvaluator:
             self.ref["pool"] = self.features(self.ref.pop("arr_0"))["pool"][:10_000]
 
     def __call__(self, trainer: SampleSource) -> dict[str, float]:
-        labels = eval_labels(self.cfg, trainer.model_cfg.num_classes)
+        labels = eval_labels(self.cfg, trainer.label_classes)
         scfg = eval_sampler(self.cfg, trainer.cfg.sampler)
         images = trainer.sample_images(labels, self.cfg.seed, scfg, eval_batch_size(len(labels)))
         return self.score(images)

@@ -71,27 +71,48 @@ def save_grid_png(path, images_BxHxWxC_uint8, ncols=None, scale=1, captions=None
 _PAD = 2  # make_grid's border
 
 
+def _wrap(text: str, width: float, draw, font, max_lines: int = 4) -> list[str]:
+    """`text` in lines no wider than `width` (words kept whole where they fit), at most max_lines."""
+    lines, current = [], ""
+    for word in text.split():
+        trial = f"{current} {word}".strip()
+        if current and draw.textlength(trial, font=font) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    lines.append(current)
+    lines = lines[:max_lines]
+    for i, line in enumerate(lines):  # a single word wider than the image is cut
+        while line and draw.textlength(line, font=font) > width:
+            line = line[:-1]
+        lines[i] = line
+    return lines
+
+
 def _caption(grid: np.ndarray, hw: tuple[int, int], ncols: int | None, scale: int, captions) -> np.ndarray:
-    """The scaled grid with a text strip below each row of images, each caption under its image."""
+    """The scaled grid with a text strip below each row of images, each caption under its image
+    (wrapped onto up to four lines)."""
     h, w = hw[0] * scale, hw[1] * scale
     pad = _PAD * scale
     n = len(captions)
     ncols = ncols or math.ceil(math.sqrt(n))
     font = ImageFont.load_default()
     line = font.getbbox("Ag")[3] + 4
+    gray = grid.shape[-1] == 1
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    wrapped = [_wrap(str(c), w, measure, font) for c in captions]
     rows = []
     for r in range(math.ceil(n / ncols)):
         rows.append(grid[r * (h + pad) : (r + 1) * (h + pad) + (pad if r == math.ceil(n / ncols) - 1 else 0)])
-        gray = grid.shape[-1] == 1
-        strip = Image.new("L" if gray else "RGB", (grid.shape[1], line), 255 if gray else (255, 255, 255))
+        height = line * max(len(wrapped[i]) for i in range(r * ncols, min(n, (r + 1) * ncols)))
+        strip = Image.new("L" if gray else "RGB", (grid.shape[1], height), 255 if gray else (255, 255, 255))
         draw = ImageDraw.Draw(strip)
         for c in range(ncols):
             i = r * ncols + c
             if i < n:
-                text = str(captions[i])
-                while text and draw.textlength(text, font=font) > w:  # cut to the image's width
-                    text = text[:-1]
-                draw.text((pad + c * (w + pad), 1), text, fill=0 if gray else (0, 0, 0), font=font)
+                for k, text in enumerate(wrapped[i]):
+                    draw.text((pad + c * (w + pad), 1 + k * line), text, fill=0 if gray else (0, 0, 0), font=font)
         strip = np.asarray(strip, np.uint8)
         rows.append(strip[..., None] if strip.ndim == 2 else strip)
     return np.concatenate(rows, axis=0)

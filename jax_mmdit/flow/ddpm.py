@@ -22,11 +22,10 @@ import numpy as np
 
 from jax_mmdit.flow.config import FlowConfig, SamplerConfig
 from jax_mmdit.flow.rectified_flow import (
-    STREAM_LABEL_DROP,
     STREAM_NOISE,
     STREAM_T,
-    drop_labels,
-    is_conditional,
+    call_model,
+    drop_condition_or_label,
     loss_bins,
     sample_timesteps,
 )
@@ -110,13 +109,12 @@ def discretized_gaussian_log_likelihood(x: jax.Array, mean: jax.Array, log_scale
     return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None):
+def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None, null_cond: dict | None = None):
     """loss_fn(model, x, y, rng) -> (loss, aux) for the ddpm objective, with `make_loss_fn`'s
     conventions (per-sample losses averaged over the batch; aux bins by t = timestep / T). A model
     with 2C output channels learns its variance (the bound term is added), C channels: eps MSE only."""
     T = flow_cfg.num_train_timesteps
     tab = _f32(schedule_tables(alphas_cumprod(flow_cfg)))
-    conditional = is_conditional(null_class)
 
     def loss_fn(model, x_BxHxWxC, y_B, rng):
         if x_BxHxWxC.ndim != 4:
@@ -126,13 +124,12 @@ def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None):
         u_B = sample_timesteps(jax.random.fold_in(rng, STREAM_T), B, flow_cfg)
         step_B = jnp.clip(jnp.floor(u_B * T).astype(jnp.int32), 0, T - 1)
         eps = jax.random.normal(jax.random.fold_in(rng, STREAM_NOISE), x.shape, jnp.float32)
-        if conditional and y_B is not None:
-            y_B = drop_labels(jax.random.fold_in(rng, STREAM_LABEL_DROP), y_B, flow_cfg.label_dropout, null_class)
+        y_B = drop_condition_or_label(rng, y_B, flow_cfg.label_dropout, null_class, null_cond)
 
         at = {k: _bcast(v[step_B], x) for k, v in tab.items()}
         xt = jnp.sqrt(at["ac"]) * x + jnp.sqrt(1.0 - at["ac"]) * eps
         t_B = step_B.astype(jnp.float32) / T
-        out = model(xt, t_B, y_B).astype(jnp.float32)
+        out = call_model(model)(xt, t_B, y_B).astype(jnp.float32)
         if out.shape[:-1] != x.shape[:-1] or out.shape[-1] not in (C, 2 * C):
             raise ValueError(f"model output shape {out.shape} must match input {x.shape} with {C} or {2 * C} channels.")
         eps_pred = out[..., :C]

@@ -85,6 +85,33 @@ def drop_labels(rng: jax.Array, y_B: jax.Array, prob: float, null_class: int) ->
     return jnp.where(drop_B, jnp.asarray(null_class, y_B.dtype), y_B)
 
 
+def drop_condition(rng: jax.Array, cond: dict, prob: float, null_cond: dict) -> dict:
+    """Text conditions: each sample's condition (context, mask, pooled) becomes the empty prompt's,
+    `null_cond` (batch 1), with probability prob (SD3's caption dropout, for CFG)."""
+    if prob == 0.0:
+        return cond
+    B = next(iter(cond.values())).shape[0]
+    drop_B = jax.random.bernoulli(rng, prob, (B,))
+    return {k: jnp.where(_expand_like(drop_B, v), null_cond[k].astype(v.dtype), v) if k in null_cond else v
+            for k, v in cond.items()}  # fmt: skip
+
+
+def drop_condition_or_label(rng: jax.Array, y, prob: float, null_class: int | None, null_cond: dict | None):
+    """The training condition after dropout (on its own stream): a dict with `null_cond`, labels of
+    a conditional model with its null class; else unchanged."""
+    rng = jax.random.fold_in(rng, STREAM_LABEL_DROP)
+    if isinstance(y, dict):
+        return y if null_cond is None else drop_condition(rng, y, prob, null_cond)
+    if is_conditional(null_class) and y is not None:
+        return drop_labels(rng, y, prob, null_class)
+    return y
+
+
+def call_model(model: Callable) -> Callable:
+    """`model` as f(x, t_B, y): y is a label array, or (text) a dict of the model's keyword inputs."""
+    return lambda x, t_B, y: model(x, t_B, **y) if isinstance(y, dict) else model(x, t_B, y)
+
+
 def is_conditional(null_class: int | None) -> bool:
     """Does a model with this null class (== num_classes) take labels? 0 and None: unconditional."""
     return null_class is not None and null_class > 0
@@ -104,7 +131,7 @@ def sit_model(model: Callable) -> Callable:
     return lambda x, t_B, y_B: -model(x, 1.0 - t_B, y_B)
 
 
-def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None) -> LossFn:
+def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None, null_cond: dict | None = None) -> LossFn:
     """Returns loss_fn(model, x_BxHxWxC, y_B, rng) -> (loss, aux) for nnx.value_and_grad(has_aux=True).
 
     `model(x_t, t_B, y_B)` is any callable returning f32[B, H, W, C'] with C' >= C (with learn_sigma
@@ -114,15 +141,15 @@ def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None) -> LossFn:
     they can be summed over steps and devices before dividing.
 
     The objective is flow_cfg.objective's: "sit" is this loss through `sit_model`, "ddpm" DiT's
-    (`jax_mmdit.flow.ddpm.make_loss_fn`).
+    (`jax_mmdit.flow.ddpm.make_loss_fn`). A text model's `y` is a dict of its keyword inputs;
+    `null_cond` (the empty prompt's) replaces it with probability label_dropout.
     """
     if null_class is not None and (isinstance(null_class, bool) or not isinstance(null_class, int) or null_class < 0):
         raise ValueError(f"null_class must be None or an int >= 0 (== num_classes), got {null_class!r}.")
     if flow_cfg.objective == "ddpm":
         from jax_mmdit.flow import ddpm  # ddpm builds on this module
 
-        return ddpm.make_loss_fn(flow_cfg, null_class)
-    conditional = is_conditional(null_class)
+        return ddpm.make_loss_fn(flow_cfg, null_class, null_cond)
     sit = flow_cfg.objective == "sit"
 
     def loss_fn(model: Any, x_BxHxWxC: jax.Array, y_B: jax.Array | None, rng: jax.Array):
@@ -132,11 +159,11 @@ def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None) -> LossFn:
         x_BxHxWxC = x_BxHxWxC.astype(jnp.float32)
         t_B = sample_timesteps(jax.random.fold_in(rng, STREAM_T), B, flow_cfg)
         noise_BxHxWxC = jax.random.normal(jax.random.fold_in(rng, STREAM_NOISE), x_BxHxWxC.shape, jnp.float32)
-        if conditional and y_B is not None:
-            y_B = drop_labels(jax.random.fold_in(rng, STREAM_LABEL_DROP), y_B, flow_cfg.label_dropout, null_class)
+        y_B = drop_condition_or_label(rng, y_B, flow_cfg.label_dropout, null_class, null_cond)
 
         xt_BxHxWxC = interpolate(x_BxHxWxC, noise_BxHxWxC, t_B)
-        out = (sit_model(model) if sit else model)(xt_BxHxWxC, t_B, y_B)
+        f = call_model(model)
+        out = (sit_model(f) if sit else f)(xt_BxHxWxC, t_B, y_B)
         if out.shape[:-1] != x_BxHxWxC.shape[:-1] or out.shape[-1] < C:
             raise ValueError(
                 f"model output shape {out.shape} must match input {x_BxHxWxC.shape} with at least {C} channels."

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_mmdit.flow.config import FlowConfig, SamplerConfig, check_sampler_fits
-from jax_mmdit.flow.rectified_flow import is_conditional, sit_model, time_shift
+from jax_mmdit.flow.rectified_flow import call_model, is_conditional, sit_model, time_shift
 
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 
@@ -158,7 +158,7 @@ def _sample_jitted(graphdef, state, noise_BxHxWxC, y_B, rng, null_cond, *, cfg, 
     # same model structure, configs and shapes reuse the compiled loop, whatever the weights.
     model = nnx.merge(graphdef, state)
     # A dict condition holds the model's keyword inputs (text: context_BxTxE, pooled_BxP, ...).
-    fn = lambda x, t, y: model(x, t, **y) if isinstance(y, dict) else model(x, t, y)  # noqa: E731
+    fn = call_model(model)
     if flow.objective == "ddpm":
         from jax_mmdit.flow import ddpm  # ddpm builds on this module
 

@@ -8,6 +8,7 @@ for the negative (by default the empty) prompt, as SD3 does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -75,14 +76,66 @@ def check_fits(cfg: TextEncoderConfig, model_cfg) -> None:
         )
 
 
-class PromptConditioner:
-    """Prompts -> the model's condition dicts, with the run's encoders (loaded on first use)."""
+def resolve_text_model(cfg):
+    """A TrainConfig on captioned data (data.captions) with the MMDiT's text widths from the caption
+    manifest where left at 0; given ones must agree. Without captions, `cfg` itself."""
+    if cfg.data.captions is None:
+        return cfg
+    from jax_mmdit.data.captions import read_text_manifest
 
-    def __init__(self, info: dict[str, Any]):
+    m, model = read_text_manifest(cfg.data.captions), cfg.model
+    if model.arch != "mmdit":
+        raise UserError(f"Captioned data trains a text-conditioned MMDiT: set --model.arch mmdit (not {model.arch!r}).")
+    if model.num_classes:
+        raise UserError(f"A text-conditioned MMDiT takes captions, not class labels: set --model.num_classes 0 (not "
+                        f"{model.num_classes}).")  # fmt: skip
+    widths = {"context_dim": m["context_dim"], "pooled_dim": m["pooled_dim"]}
+    for name, want in widths.items():
+        if getattr(model, name) not in (0, want):
+            raise UserError(f"The captions in {cfg.data.captions} are {want} wide ({name}) but --model.{name} is "
+                            f"{getattr(model, name)}: leave it at 0 to take the captions' width.")  # fmt: skip
+    return dataclasses.replace(cfg, model=dataclasses.replace(model, **widths))
+
+
+def caption_run_info(table) -> dict[str, Any]:
+    """What a run trained on a caption directory records (text_encoder.json): its encoders, the
+    directory (known prompts are read from it, not re-encoded) and the prompts it samples by default."""
+    m = table.manifest
+    texts = table.texts()
+    defaults = m["class_prompts"] or [t for t in texts if t][:16]
+    return {**m["encoder"], "captions": table.directory, "class_prompts": m["class_prompts"],
+            "default_prompts": defaults}  # fmt: skip
+
+
+class PromptConditioner:
+    """Prompts -> the model's condition dicts: read from the run's caption directory where it holds
+    them, else encoded with the run's encoders (loaded on first use)."""
+
+    def __init__(self, info: dict[str, Any], table=None):
         self.info = info
         self._encoder: TextEncoder | None = None
+        self._table, self._known = table, None
+
+    def _lookup(self) -> dict[str, int]:
+        """Caption text -> record of the run's caption directory (empty if it has none, or it moved)."""
+        if self._known is None:
+            self._known = {}
+            where = self.info.get("captions")
+            if self._table is None and where and (Path(where) / "text.json").is_file():
+                from jax_mmdit.data.captions import CaptionTable
+
+                self._table = CaptionTable(where)
+            if self._table is not None:
+                self._known = {t: i for i, t in enumerate(self._table.texts())}
+        return self._known
 
     def _encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        known = self._lookup()
+        if all(p in known for p in prompts):
+            cond = self._table.gather(np.asarray([known[p] for p in prompts]))
+            if not self.info["use_mask"]:
+                cond.pop("context_mask_BxT")
+            return cond
         if self._encoder is None:
             cfg = TextEncoderConfig(**self.info["encoder"])
             recorded, found = self.info["identity"], identity(cfg)

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_mmdit.config import OptimConfig
+from jax_mmdit.data.captions import TEXT_KEYS
 from jax_mmdit.train.mesh import BATCH_AXES
 
 # fp16 dynamic loss scaling: start high, halve on overflow, double after this many clean steps.
@@ -81,6 +82,12 @@ def init_train_state(params, tx: optax.GradientTransformation, precision: str) -
     )
 
 
+def condition_of(batch: dict):
+    """The model's condition in a batch: the labels, or (captioned data) the dict of text inputs."""
+    text = {k: batch[k] for k in TEXT_KEYS if k in batch}
+    return text or batch["label"]
+
+
 def _select(pred, a, b):
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
@@ -125,11 +132,12 @@ def make_train_step(
                 a = jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec))
             return a
 
-        xs, ys = split(x), split(y)
+        xs, ys = split(x), jax.tree.map(split, y)
 
         def body(carry, i):
             g_acc, loss_acc, aux_acc = carry
-            (_, (loss, aux)), g = grad_fn(params, xs[i], ys[i], jax.random.fold_in(rng, i), loss_scale)
+            y_i = jax.tree.map(lambda a: a[i], ys)
+            (_, (loss, aux)), g = grad_fn(params, xs[i], y_i, jax.random.fold_in(rng, i), loss_scale)
             return (
                 jax.tree.map(jnp.add, g_acc, g),
                 loss_acc + loss,
@@ -137,7 +145,7 @@ def make_train_step(
             ), None
 
         zeros_g = jax.tree.map(jnp.zeros_like, params)
-        _, (_, aux0) = jax.eval_shape(micro_loss, params, xs[0], ys[0], rng, loss_scale)
+        _, (_, aux0) = jax.eval_shape(micro_loss, params, xs[0], jax.tree.map(lambda a: a[0], ys), rng, loss_scale)
         zeros_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux0)
         (g, loss, aux), _ = jax.lax.scan(body, (zeros_g, jnp.zeros(()), zeros_aux), jnp.arange(accum))
         return jax.tree.map(lambda a: a / accum, g), loss / accum, aux
@@ -145,7 +153,8 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         # One key per step, derived from the step: resuming replays exactly the same randomness.
         step_rng = jax.random.fold_in(rng, state.step)
-        grads, loss, aux = grads_and_loss(state.params, batch["image"], batch["label"], step_rng, state.loss_scale)
+        y = condition_of(batch)
+        grads, loss, aux = grads_and_loss(state.params, batch["image"], y, step_rng, state.loss_scale)
         grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
         # One scalar says whether every gradient is finite: a NaN or inf anywhere makes the global
         # norm NaN or inf. (So does a norm past float32's range, ~1.8e19: a gradient no step should
@@ -213,7 +222,7 @@ def make_eval_step(graphdef, rest, loss_fn: Callable):
 
     def eval_step(params, batch, rng):
         model = nnx.merge(graphdef, params, rest)
-        loss, _ = loss_fn(model, batch["image"], batch["label"], rng)
+        loss, _ = loss_fn(model, batch["image"], condition_of(batch), rng)
         return loss
 
     return eval_step

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from jax_mmdit import ops as ops_lib
 from jax_mmdit.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, load_config_dict
 from jax_mmdit.config import MeshConfig, TrainConfig, config_differences
+from jax_mmdit.data.captions import TEXT_KEYS
 from jax_mmdit.errors import UserError
 from jax_mmdit.eval.evaluators import build_evaluators
 from jax_mmdit.flow import make_loss_fn
 from jax_mmdit.models import count_params, create_model
-from jax_mmdit.text.run import PromptConditioner, read_run_text_info
+from jax_mmdit.text.run import RUN_TEXT, PromptConditioner, caption_run_info, read_run_text_info, resolve_text_model
 from jax_mmdit.train import mesh as mesh_lib
 from jax_mmdit.train import profiler
 from jax_mmdit.train.init_from import load_init_params
@@ -63,7 +64,9 @@ class NonFiniteLossError(UserError):
 class Trainer(SamplingMixin):
     def __init__(self, cfg: TrainConfig, *, devices=None, with_data: bool = True, distributed: bool = True, model=None):
         """`distributed=False` never starts jax.distributed (sampling, evaluation: this host only);
-        `model` (an NNX model of cfg.model) gives the initial weights instead of a random init."""
+        `model` (an NNX model of cfg.model) gives the initial weights instead of a random init. On
+        captioned data (data.captions) the MMDiT's text widths come from the captions' manifest."""
+        cfg = resolve_text_model(cfg)
         self.cfg = cfg
         if distributed:
             mesh_lib.maybe_initialize_distributed(cfg.mesh)
@@ -94,7 +97,13 @@ class Trainer(SamplingMixin):
         # (run_dir/latents.json, written when training starts, read by `Trainer.load`).
         self.latent_info = latent_run_info(self.train_data, cfg.data)
         self.decoder = SampleDecoder(self.latent_info, cfg.data.vae)
-        self.prompts = None  # a text run's PromptConditioner (`Trainer.load` reads text_encoder.json)
+        # A text run's prompts -> conditions, and what it records (text_encoder.json, read by `load`).
+        self.text_info, self.prompts, null_cond = None, None, None
+        table = self.train_data.table if self.train_data is not None else None
+        if table is not None:
+            self.text_info = caption_run_info(table)
+            self.prompts = PromptConditioner(self.text_info, table)
+            null_cond = table.gather([table.manifest["empty_caption"]])  # caption dropout's condition
         # What identifies the training data; saved with every checkpoint, compared on resume.
         self.data_fingerprint = self.train_data.fingerprint() if self.train_data else None
 
@@ -132,7 +141,7 @@ class Trainer(SamplingMixin):
 
         # --- steps ---------------------------------------------------------------------------
         null_class = mcfg.num_classes if mcfg.num_classes > 0 else None
-        self.loss_fn = make_loss_fn(cfg.flow, null_class=null_class)
+        self.loss_fn = make_loss_fn(cfg.flow, null_class=null_class, null_cond=null_cond)
         # Eval measures the conditional model: no label dropout, fixed t/noise across evals.
         self.eval_loss_fn = make_loss_fn(dataclasses.replace(cfg.flow, label_dropout=0.0), null_class=null_class)
         train_step = make_train_step(
@@ -147,9 +156,13 @@ class Trainer(SamplingMixin):
             mesh=self.mesh,
         )
         bsh = mesh_lib.batch_sharding(self.mesh)
+        keys = ("image", "label")
+        if table is not None:
+            keys += TEXT_KEYS if mcfg.pooled_dim else TEXT_KEYS[:2]
+        batch_sh = {k: bsh for k in keys}
         self._train_step_jit = jax.jit(
             train_step,
-            in_shardings=(self.state_sharding, {"image": bsh, "label": bsh}, repl),
+            in_shardings=(self.state_sharding, batch_sh, repl),
             out_shardings=(self.state_sharding, repl),
             donate_argnums=0,
         )
@@ -163,7 +176,7 @@ class Trainer(SamplingMixin):
         self.flops_per_step = None
         self._eval_step = jax.jit(
             make_eval_step(self.graphdef, self.rest, self.eval_loss_fn),
-            in_shardings=(self.state_sharding.ema_params, {"image": bsh, "label": bsh}, repl),
+            in_shardings=(self.state_sharding.ema_params, batch_sh, repl),
             out_shardings=repl,
         )
 
@@ -181,6 +194,11 @@ class Trainer(SamplingMixin):
             raise UserError(
                 f"Dataset {info.name!r} gives images of shape {tuple(info.image_shape)} but the model "
                 f"expects {want}: set --model.image_size/--model.in_channels or --data.image_size."
+            )
+        if m.context_dim and info.captions is None:
+            raise UserError(
+                "This MMDiT is text-conditioned (model.context_dim > 0): train it on captioned data, "
+                "--data.captions DIR (written by `mmdit encode-text`)."
             )
         if m.num_classes and info.num_classes and m.num_classes != info.num_classes:
             raise UserError(
@@ -317,6 +335,8 @@ class Trainer(SamplingMixin):
             write_atomically(self.run_dir / "config.json", cfg.to_json())
             if self.latent_info is not None:
                 write_atomically(self.run_dir / RUN_LATENTS, json.dumps(self.latent_info, indent=2))
+            if self.text_info is not None:
+                write_atomically(self.run_dir / RUN_TEXT, json.dumps(self.text_info, indent=2))
             make_dirs(samples_dir, self.run_dir / "tb")
             msg = f"resumed from step {resumed}" if resumed is not None else "starting fresh"
             print(
@@ -456,6 +476,7 @@ class Trainer(SamplingMixin):
         trainer = cls(cfg, devices=devices, with_data=False, distributed=False)
         trainer.latent_info = read_run_latent_info(run_dir)
         text_info = read_run_text_info(run_dir)
+        trainer.text_info = text_info
         trainer.prompts = PromptConditioner(text_info) if text_info else None
         trainer.decoder = SampleDecoder(trainer.latent_info, cfg.data.vae)
         trainer.checkpointer = Checkpointer(run_dir, read_only=True)
