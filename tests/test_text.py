@@ -103,6 +103,10 @@ def test_padding_the_caption_leaves_the_image_output_unchanged(kernels):
     assert np.abs(np.asarray(unmasked) - np.asarray(a)).max() > 1e-3  # without the mask the pads do count
     with pytest.raises(ValueError, match="context_mask"):
         model(x, t, context_BxTxE=short, pooled_BxP=pooled, context_mask_BxT=mask(4))
+    # A model configured as SD3 (context_mask off) attends to the padding whatever mask it is given.
+    model.cfg = dataclasses.replace(cfg, context_mask=False)
+    ignored = model(x, t, context_BxTxE=long, pooled_BxP=pooled, context_mask_BxT=mask(12))
+    np.testing.assert_allclose(np.asarray(ignored), np.asarray(unmasked), atol=1e-5)
 
 
 def _sd3_pipeline(root, encoders_from, with_t5=True):
@@ -189,3 +193,47 @@ def test_sd3_run_samples_from_a_prompt_as_the_sd3_pipeline_conditions(encoders, 
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "projection_dim": 41}))
     with pytest.raises(UserError, match="not the one this run recorded"):
         PromptConditioner(trainer.prompts.info)(["a photo of a bag"])
+
+
+def test_sd3_fine_tunes_on_captioned_latents_of_its_own_vae_and_encoders(encoders, tmp_path):
+    """A converted SD3 run is fine-tuned (--init_from) on latents of its VAE with captions encoded by
+    its encoders, attending to padding as SD3 does; the fine-tuned run samples from prompts."""
+    from jax_mmdit.checkpoint import load_config_dict
+    from jax_mmdit.config import EvalConfig, OptimConfig, TrainConfig
+    from jax_mmdit.data import DataConfig
+    from jax_mmdit.text.encode import cmd_encode_text
+    from jax_mmdit.train.convert import convert
+    from jax_mmdit.train.trainer import Trainer
+    from jax_mmdit.vae.encode import cmd_encode
+
+    root = tmp_path / "sd3"
+    _sd3_pipeline(root, encoders["clip_l"].parent)
+    run = convert("sd3", str(root), str(tmp_path / "run"), vae=str(root / "vae"))
+    lat, caps = tmp_path / "lat", tmp_path / "caps"
+    assert cmd_encode(["--vae", str(root / "vae"), "--out", str(lat), "--dataset", "fashion_mnist", "--max_examples",
+                       "40", "--resolution", "16", "--batch_size", "20", "--no-flip"]) == 0  # fmt: skip
+    text_args = ["--dataset", "fashion_mnist", "--templates", "default", "--clip", str(root / "text_encoder"),
+                 "--clip", str(root / "text_encoder_2"), "--t5", str(root / "text_encoder_3"),
+                 "--clip_max_length", "16", "--t5_max_length", "10", "--out", str(caps)]  # fmt: skip
+    assert cmd_encode_text(text_args) == 0
+    base = TrainConfig.from_dict(load_config_dict(str(run))[0])
+    assert base.model.context_mask is False
+    cfg = dataclasses.replace(
+        base, data=DataConfig(name="fashion_mnist", source=str(lat), captions=str(caps)), init_from=str(run),
+        run_dir=str(tmp_path / "ft"), max_steps=2, batch_size=8, n_eval_batches=0, eval_save_steps=2,
+        sample_every_n=0, num_sample_images=2, log_every=1, eval=EvalConfig(evaluators=("loss",)),
+        optim=OptimConfig(learning_rate=1e-7, warmup_steps=0), mesh=dataclasses.replace(base.mesh),
+        sampler=dataclasses.replace(base.sampler, num_steps=2),
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    last = trainer.train()
+    assert np.isfinite(last["train/loss"])
+    src = Trainer.load(str(run))
+    for a, b in zip(jax.tree.leaves(src.state.ema_params), jax.tree.leaves(trainer.state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)  # started from SD3's weights
+    import json
+
+    info = json.loads((tmp_path / "ft" / "text_encoder.json").read_text())
+    assert info["use_mask"] is False and len(info["encoder"]["clip"]) == 2
+    u8 = Trainer.load(str(tmp_path / "ft")).sample_prompts(["a photo of a sandal"])
+    assert u8.shape == (1, 16, 16, 1)

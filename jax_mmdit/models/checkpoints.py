@@ -318,6 +318,7 @@ def sd3_config(config: Mapping[str, Any], image_size: int | None = None) -> Mode
         arch="mmdit", image_size=image_size, in_channels=d["in_channels"], patch_size=d["patch_size"],
         hidden_size=hidden, depth=d["num_layers"], num_heads=d["num_attention_heads"], num_classes=0,
         context_dim=d["joint_attention_dim"], pooled_dim=d["pooled_projection_dim"], qk_norm=d["qk_norm"] is not None,
+        context_mask=False,  # SD3 attends to its text padding
         learn_sigma=_learn_sigma(d["in_channels"], d["out_channels"]),
         dual_attention_layers=tuple(d["dual_attention_layers"]),
         **_sd3_positions(d, image_size),

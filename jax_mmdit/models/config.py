@@ -95,6 +95,9 @@ class ModelConfig:
     num_context_tokens: int = 4
     # MMDiT only: width of the pooled text embedding added to the timestep embedding (0 = none).
     pooled_dim: int = 0
+    # MMDiT text models: padded text tokens are left out of joint attention (a given mask is used).
+    # SD3 was trained attending to its padding: its converted runs set False and ignore masks.
+    context_mask: bool = True
     # The timestep embedder sees time_scale * t: 1000 maps t in [0, 1] onto DiT/SD3's 0..1000
     # timestep range; SiT's published weights embed t in [0, 1] directly (time_scale 1).
     time_scale: float = 1000.0

@@ -176,12 +176,12 @@ class MMDiT(nnx.Module):
     ) -> jax.Array:
         """Velocity for noisy x at time t in [0, 1], float32 (2C channels with learn_sigma).
         `context_mask_BxT` (bool, text only) marks real tokens: padding neither gives attention to
-        the image tokens nor, through them, changes the output."""
+        the image tokens nor, through them, changes the output (ignored with cfg.context_mask off)."""
         cfg = self.cfg
         check_inputs(cfg, x_BxHxWxC, t_B)
         B = x_BxHxWxC.shape[0]
         ctx_BxTxD, pooled_BxD = self._condition(y_B, context_BxTxE, pooled_BxP, B)
-        mask = context_mask_BxT
+        mask = context_mask_BxT if cfg.context_mask else None
         if mask is not None:
             if cfg.uses_class_tokens or mask.shape != ctx_BxTxD.shape[:2]:
                 raise ValueError(

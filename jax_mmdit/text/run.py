@@ -97,13 +97,14 @@ def resolve_text_model(cfg):
     return dataclasses.replace(cfg, model=dataclasses.replace(model, **widths))
 
 
-def caption_run_info(table) -> dict[str, Any]:
+def caption_run_info(table, use_mask: bool) -> dict[str, Any]:
     """What a run trained on a caption directory records (text_encoder.json): its encoders, the
-    directory (known prompts are read from it, not re-encoded) and the prompts it samples by default."""
+    directory (known prompts are read from it, not re-encoded), the prompts it samples by default,
+    and whether its model masks padding (model.context_mask)."""
     m = table.manifest
     texts = table.texts()
     defaults = m["class_prompts"] or [t for t in texts if t][:16]
-    return {**m["encoder"], "captions": table.directory, "class_prompts": m["class_prompts"],
+    return {**m["encoder"], "use_mask": use_mask, "captions": table.directory, "class_prompts": m["class_prompts"],
             "default_prompts": defaults}  # fmt: skip
 
 

@@ -101,7 +101,7 @@ class Trainer(SamplingMixin):
         self.text_info, self.prompts, null_cond = None, None, None
         table = self.train_data.table if self.train_data is not None else None
         if table is not None:
-            self.text_info = caption_run_info(table)
+            self.text_info = caption_run_info(table, self.model_cfg.context_mask)
             self.prompts = PromptConditioner(self.text_info, table)
             null_cond = table.gather([table.manifest["empty_caption"]])  # caption dropout's condition
         # What identifies the training data; saved with every checkpoint, compared on resume.
