@@ -19,10 +19,11 @@ from jax_mmdit.flow.config import FlowConfig, SamplerConfig, check_sampler_fits
 from jax_mmdit.models.config import ModelConfig
 from jax_mmdit.ops import ATTENTIONS, Attention, Kernels
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "fp8"]
 
 # Model compute dtype for each precision mode; master parameters always stay fp32.
-PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# fp8: bf16 compute with the transformer blocks' matmuls in fp8 (jax_mmdit.ops.fp8).
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class TrainConfig:
     n_epochs: float = 1.0  # training length in passes over the data, unless max_steps is set
     max_steps: int | None = None  # overrides n_epochs
     grad_accum_steps: int = 1  # micro-batches per step: same maths, 1/grad_accum_steps activations
-    precision: Precision = "fp32"  # bf16: bf16 compute; fp16: + dynamic loss scaling
+    precision: Precision = "fp32"  # bf16: bf16 compute; fp16: + dynamic loss scaling; fp8: bf16 + fp8 block matmuls
     # Which implementation of the model's operations runs (jax_mmdit.ops): "onednn" = the package's
     # C++/oneDNN kernels (CPU), "xla" = XLA's own ops, "auto" = onednn on a one-device CPU mesh
     # where the kernels build, else xla. Same maths either way; it changes speed, not results.

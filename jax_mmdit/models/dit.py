@@ -76,14 +76,15 @@ class DiT(nnx.Module):
             raise ValueError(f"DiT needs cfg.arch == 'dit', got {cfg.arch!r}.")
         self.cfg = cfg
         D, dtype = cfg.hidden_size, cfg.compute_dtype
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, ops, rngs)
+        outer = ops.high_precision()  # embedders and the final layer: never fp8
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, outer, rngs)
         self.pos_embed = make_pos_embed(
             cfg.pos_embed, cfg.grid_size, D, rngs, cfg.pos_embed_offset, cfg.pos_embed_scale
         )
-        self.t_embedder = TimestepEmbedder(D, dtype, ops, rngs, cfg.time_scale)
+        self.t_embedder = TimestepEmbedder(D, dtype, outer, rngs, cfg.time_scale)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, rngs) if cfg.num_classes > 0 else None
         self.blocks = nnx.List([DiTBlock(cfg, ops, rngs) for _ in range(cfg.depth)])
-        self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, ops, rngs)
+        self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, outer, rngs)
 
     @property
     def null_class(self) -> int:

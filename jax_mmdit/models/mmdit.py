@@ -108,26 +108,27 @@ class MMDiT(nnx.Module):
             raise ValueError(f"MMDiT needs cfg.arch == 'mmdit', got {cfg.arch!r}.")
         self.cfg = cfg
         D, dtype = cfg.hidden_size, cfg.compute_dtype
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, ops, rngs)
+        outer = ops.high_precision()  # embedders and the final layer: never fp8
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.patch_size, D, cfg.stem, dtype, outer, rngs)
         self.pos_embed = make_pos_embed(
             cfg.pos_embed, cfg.grid_size, D, rngs, cfg.pos_embed_offset, cfg.pos_embed_scale
         )
-        self.t_embedder = TimestepEmbedder(D, dtype, ops, rngs, cfg.time_scale)
+        self.t_embedder = TimestepEmbedder(D, dtype, outer, rngs, cfg.time_scale)
         if cfg.uses_class_tokens:
             self.class_tokens = LabelEmbedder(cfg.num_classes, cfg.num_context_tokens * D, rngs)
             self.pooled_embedder = LabelEmbedder(cfg.num_classes, D, rngs)
             self.context_embedder = None
         else:
             self.class_tokens = None
-            self.context_embedder = Dense(cfg.context_dim, D, dtype, ops, rngs)
-            self.pooled_embedder = MlpEmbedder(cfg.pooled_dim, D, dtype, ops, rngs) if cfg.pooled_dim > 0 else None
+            self.context_embedder = Dense(cfg.context_dim, D, dtype, outer, rngs)
+            self.pooled_embedder = MlpEmbedder(cfg.pooled_dim, D, dtype, outer, rngs) if cfg.pooled_dim > 0 else None
         self.blocks = nnx.List(
             [
                 MMDiTBlock(cfg, i == cfg.depth - 1, ops, rngs, dual=i in cfg.dual_attention_layers)
                 for i in range(cfg.depth)
             ]
         )
-        self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, ops, rngs)
+        self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, outer, rngs)
 
     @property
     def null_class(self) -> int:

@@ -50,11 +50,16 @@ def set_auto(kernels: Literal["xla", "onednn"] | None) -> str | None:
     return previous
 
 
-def resolve(kernels: str = "auto", attention: str = "auto", devices=None) -> Ops:
+def resolve(kernels: str = "auto", attention: str = "auto", devices=None, fp8: bool = False) -> Ops:
     """The backend for `kernels` (see the table) on `devices` (default: all of jax's), with
-    attention implementation `attention` ("auto", "xla" or "cudnn"). Builds the C++ kernels here
-    when they are chosen; "auto" falls back to XLA after a one-line warning when they cannot be
-    built, an explicit "onednn" fails."""
+    attention implementation `attention` ("auto", "xla" or "cudnn"); with `fp8`, its dense layers
+    inside the transformer blocks run in fp8 (`ops.fp8`). Builds the C++ kernels here when they are
+    chosen; "auto" falls back to XLA after a one-line warning when they cannot be built, an
+    explicit "onednn" fails."""
+    if fp8:
+        from jax_mmdit.ops.fp8 import Fp8Ops
+
+        return Fp8Ops(resolve(kernels, attention, devices))
     if kernels not in KERNELS:
         raise UserError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}.")
     if attention not in ATTENTIONS:

@@ -120,6 +120,11 @@ class ReferenceOps:
     # How attention runs where a backend has a choice: "auto", "xla" or "cudnn" (TrainConfig.attention).
     attention_impl: str = "auto"
 
+    def high_precision(self):
+        """The backend for layers kept out of reduced-precision matmuls (embedders, the final
+        layer): this one, except where a wrapper (`ops.fp8.Fp8Ops`) lowers the blocks' precision."""
+        return self
+
     def dense(self, x_MxK, w_KxN, b_N, dtype):
         return dense(x_MxK, w_KxN, b_N, dtype)
 

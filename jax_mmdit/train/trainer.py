@@ -76,7 +76,7 @@ class Trainer(SamplingMixin):
         self.model_cfg = cfg.model_for_precision
         # The backend of the model's operations, chosen once for this mesh (builds the C++ kernels
         # here when they are picked, never inside a trace).
-        self.ops = ops_lib.resolve(cfg.kernels, cfg.attention, list(self.mesh.devices.flat))
+        self.ops = ops_lib.resolve(cfg.kernels, cfg.attention, list(self.mesh.devices.flat), fp8=cfg.precision == "fp8")
 
         # --- data -------------------------------------------------------------------------
         self.train_data = self.eval_data = None
