@@ -126,14 +126,16 @@ def _fits(make, batch: int):
             batch //= 2
 
 
-def _time_steps(tr, batch: dict, steps: int) -> tuple[float, list[float]]:
+def _time_steps(tr, batch: dict, steps: int) -> float:
+    """Seconds per step after two untimed ones (compilation, warm-up)."""
     import jax
 
-    losses = [float(jax.device_get(tr.train_step(batch)["loss"])) for _ in range(2)]  # compile + warm
+    for _ in range(2):
+        jax.block_until_ready(tr.train_step(batch)["loss"])
     t0 = time.perf_counter()
     metrics = [tr.train_step(batch) for _ in range(steps)]
     jax.block_until_ready(metrics[-1]["loss"])
-    return (time.perf_counter() - t0) / steps, losses
+    return (time.perf_counter() - t0) / steps
 
 
 def _attention_impl(tr) -> dict:
@@ -150,7 +152,7 @@ def train_section(plan: dict, precision: str = "bf16") -> dict:
 
         def make(b, case=case):
             tr = _trainer(case, plan, b, precision)
-            step_s, _ = _time_steps(tr, _batch(tr.model_cfg, b, 0), plan["steps"])
+            step_s = _time_steps(tr, _batch(tr.model_cfg, b, 0), plan["steps"])
             return tr, step_s
 
         (tr, step_s), b = _fits(make, plan["batch"])
@@ -180,7 +182,7 @@ def fp8_section(plan: dict) -> dict:
         def make(b, precision=precision):
             tr = _trainer(plan["fp8_model"], plan, b, precision)
             params0 = jax.tree.map(jnp.copy, tr.state.params)  # the same seed: the same weights for both
-            step_s, _ = _time_steps(tr, _batch(tr.model_cfg, b, 0), plan["steps"])
+            step_s = _time_steps(tr, _batch(tr.model_cfg, b, 0), plan["steps"])
             return tr, params0, step_s
 
         (tr, params0, step_s), b = _fits(make, plan["batch"])

@@ -81,7 +81,7 @@ def read_templates(arg: str) -> tuple[str, ...]:
     return templates
 
 
-def _as_list(value: Any, where: str) -> list[str]:
+def as_caption_list(value: Any, where: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list | tuple) or not value or not all(isinstance(v, str) for v in value):
@@ -95,7 +95,7 @@ def sidecar_captions(image_path: str) -> list[str]:
     if os.path.isfile(stem + ".txt"):
         with open(stem + ".txt", encoding="utf-8") as f:
             lines = [line.strip() for line in f if line.strip()]
-        return _as_list(lines, stem + ".txt")
+        return as_caption_list(lines, stem + ".txt")
     if os.path.isfile(stem + ".json"):
         try:
             with open(stem + ".json", encoding="utf-8") as f:
@@ -104,7 +104,7 @@ def sidecar_captions(image_path: str) -> list[str]:
             raise UserError(f"{stem}.json is not valid JSON: {e}.") from None
         if not isinstance(value, dict) or not ({"caption", "captions"} & set(value)):
             raise UserError(f'{stem}.json must hold {{"caption": ...}} or {{"captions": [...]}}.')
-        return _as_list(value.get("captions", value.get("caption")), stem + ".json")
+        return as_caption_list(value.get("captions", value.get("caption")), stem + ".json")
     raise UserError(f"The image {image_path} has no caption sidecar ({os.path.basename(stem)}.txt or .json).")
 
 
@@ -127,11 +127,11 @@ class CaptionIndex:
 
     def select(self, indices: np.ndarray) -> CaptionIndex:
         indices = np.asarray(indices, np.int64)
-        starts, stops = self.offsets[indices], self.offsets[indices + 1]
-        lists = [self.ids[a:b] for a, b in zip(starts, stops)]
-        counts = stops - starts
+        starts, counts = self.offsets[indices], self.offsets[indices + 1] - self.offsets[indices]
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return CaptionIndex(offsets, np.concatenate(lists).astype(np.int32) if lists else self.ids[:0])
+        # Vectorised gather of every selected example's ids (select runs on whole datasets).
+        positions = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1])
+        return CaptionIndex(offsets, self.ids[positions])
 
     def draw(self, indices: np.ndarray, u: np.ndarray) -> np.ndarray:
         """One caption id per example of `indices`, the u-th quantile (u in [0, 1)) of its list."""

@@ -73,7 +73,7 @@ def read_captions(spec, source: str, templates: tuple[str, ...] | None, column: 
             raise UserError(f"Caption templates need class names; {spec.name!r} has none: give --caption_column or "
                             "sidecar captions.")  # fmt: skip
         per_class = cap.template_captions(templates, names)
-        out = {s: [per_class[int(y)] for y in _labels(r)] for s, r in splits.items()}
+        out = {s: [per_class[int(y)] for y in np.asarray(r.labels)] for s, r in splits.items()}
         return out, [c[0] for c in per_class], "templates"
     kind = detect_source(source)
     if kind in ("idx", "npz", "latents"):
@@ -86,7 +86,9 @@ def read_captions(spec, source: str, templates: tuple[str, ...] | None, column: 
                 raise UserError(
                     f"The {s} split of {source!r} has no column {column!r} (it has {', '.join(ds.features)})."
                 )
-            out[s] = [cap._as_list(v, f"{column!r} of row {i} of the {s} split") for i, v in enumerate(ds[column])]
+            out[s] = [
+                cap.as_caption_list(v, f"{column!r} of row {i} of the {s} split") for i, v in enumerate(ds[column])
+            ]
         return out, None, f"column:{column}"
     if kind != "imagefolder":
         raise UserError(f"{source!r} is a {kind} dataset: say where its captions are, --caption_column or --templates.")
@@ -98,10 +100,6 @@ def read_captions(spec, source: str, templates: tuple[str, ...] | None, column: 
         paths = [v["path"] for v in ds.cast_column(image, datasets.Image(decode=False))[image]]
         out[s] = [cap.sidecar_captions(p) for p in paths]
     return out, None, "sidecar"
-
-
-def _labels(records) -> np.ndarray:
-    return np.asarray(records.labels)
 
 
 def _prepare_out(out: Path) -> bool:
