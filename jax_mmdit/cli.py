@@ -132,8 +132,8 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--num", type=int, default=None, help="number of images (labels cycle over classes)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--steps", type=int, default=None, help="sampling steps")
-    p.add_argument("--method", choices=["euler", "heun", "ddpm", "ddim"], default=None,
-                   help="euler/heun for flow runs, ddpm/ddim for DDPM ones (converted DiT)")  # fmt: skip
+    p.add_argument("--method", choices=["euler", "heun", "ddpm", "ddim", "meanflow"], default=None,
+                   help="euler/heun: flow runs; ddpm/ddim: DDPM ones (converted DiT); meanflow")  # fmt: skip
     p.add_argument("--cfg_channels", type=int, default=None,
                    help="guide only the first k channels (DiT/SiT's reported FIDs used 3)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)

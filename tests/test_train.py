@@ -75,19 +75,24 @@ def test_fsdp_partitions_params_and_optimizer_state(tmp_path):
     assert big and all("fsdp" in str(x.sharding.spec) for x in big)
 
 
-@pytest.mark.parametrize("text", [False, True], ids=["labels", "captions"])
-def test_grad_accumulation_averages_micro_batch_gradients(tmp_path, request, text):
+@pytest.mark.parametrize("kind", ["labels", "captions", "meanflow"])
+def test_grad_accumulation_averages_micro_batch_gradients(tmp_path, request, kind):
     # Micro-batch i is rows i, i+A, ... with key fold_in(step_key, i): recompute that by hand.
     from flax import nnx
 
-    from jax_mmdit.train.step import condition_of
+    from jax_mmdit.flow.config import FlowConfig, MeanFlowConfig, SamplerConfig
+    from jax_mmdit.train.step import condition_of, reported_loss
 
     accum = 2
     cfg = tiny(tmp_path, grad_accum_steps=accum, mesh=MeshConfig(data=4, fsdp=2))
-    if text:  # the text condition (context, mask, pooled) is split into the same micro-batches
+    if kind == "captions":  # the text condition (context, mask, pooled) is split into the same micro-batches
         captions = str(request.getfixturevalue("fm_captions"))
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="mmdit", num_classes=0),
                                   data=dataclasses.replace(cfg.data, captions=captions))  # fmt: skip
+    if kind == "meanflow":  # its logged loss is the plain squared error the micro-batches carry in aux
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, interval_embed=True),
+                                  flow=FlowConfig(objective="meanflow", meanflow=MeanFlowConfig(kappa=0.5)),
+                                  sampler=SamplerConfig(method="meanflow", num_steps=1))  # fmt: skip
     tr = Trainer(cfg, devices=jax.devices()[:8])
     batch = next(tr.train_data.iterator(cfg.batch_size, seed=cfg.seed))
     params0 = jax.device_get(tr.state.params)
@@ -98,9 +103,11 @@ def test_grad_accumulation_averages_micro_batch_gradients(tmp_path, request, tex
         def loss(p):
             model = nnx.merge(tr.graphdef, p, tr.rest)
             x, y = batch["image"][i::accum], jax.tree.map(lambda a: a[i::accum], condition_of(batch))
-            return tr.loss_fn(model, x, y, jax.random.fold_in(step_key, i))[0]
+            objective, aux = tr.loss_fn(model, x, y, jax.random.fold_in(step_key, i))
+            return objective, reported_loss(objective, aux)
 
-        return jax.value_and_grad(loss)(params0)
+        (_, logged), grads = jax.value_and_grad(loss, has_aux=True)(params0)
+        return logged, grads
 
     (l0, g0), (l1, g1) = micro(0), micro(1)
     grads = jax.tree.map(lambda a, b: (a + b) / 2, g0, g1)

@@ -89,7 +89,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's sampler)")
     p.add_argument("--cfg_interval", type=float, nargs=2, default=None, metavar=("LO", "HI"))
     p.add_argument("--steps", type=int, default=None, help="sampling steps")
-    p.add_argument("--method", choices=["euler", "heun"], default=None)
+    p.add_argument("--method", choices=["euler", "heun", "meanflow"], default=None)
     p.add_argument("--seed", type=int, default=0, help="noise and label seed")
     p.add_argument("--labels", choices=["balanced", "random"], default="balanced")
     p.add_argument("--batch", type=int, default=250, help="images per sampling call (part of the protocol)")

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from jax_mmdit.errors import UserError
 
 TimestepSampling = Literal["uniform", "logit_normal", "mode"]
-SamplerMethod = Literal["euler", "heun", "ddpm", "ddim"]
+SamplerMethod = Literal["euler", "heun", "ddpm", "ddim", "meanflow"]
 # "rectified_flow": ours, x_t = (1 - t) x + t eps, the model predicts eps - x at t (t = 1 is noise).
 # "sit": SiT's linear interpolant, the same path in reversed time: the model sees 1 - t and predicts
 #   x - eps (published SiT weights). "ddpm": DiT's objective, eps prediction (+ learned variance with
-#   learn_sigma) under a discrete-time DDPM schedule (published DiT weights).
-Objective = Literal["rectified_flow", "sit", "ddpm"]
+#   learn_sigma) under a discrete-time DDPM schedule (published DiT weights). "meanflow": the
+#   rectified-flow path, the model predicts the average velocity u(z_t, r, t) over [r, t] (Geng et al.
+#   2025; `jax_mmdit.flow.meanflow`): one jump z_r = z_t - (t - r) u samples in one step.
+Objective = Literal["rectified_flow", "sit", "ddpm", "meanflow"]
 TIMESTEP_SAMPLINGS = get_args(TimestepSampling)
 SAMPLER_METHODS = get_args(SamplerMethod)
 OBJECTIVES = get_args(Objective)
-# Which samplers integrate which objective: the ODE samplers need a velocity, ddpm/ddim an eps model.
+# Which samplers integrate which objective: the ODE samplers need a velocity, ddpm/ddim an eps model,
+# "meanflow" (average-velocity jumps) a meanflow model, whose velocity at r = t also drives euler/heun.
 FLOW_METHODS = ("euler", "heun")
 DDPM_METHODS = ("ddpm", "ddim")
+MEANFLOW_METHODS = ("meanflow",)
 
 # Mode sampling's density stays positive (the map u -> t monotone) only for -1 <= s <= 2/(pi-2)
 # (SD3 paper, Sec. 3.1).
@@ -31,6 +35,42 @@ MODE_SCALE_MAX = 2.0 / (math.pi - 2.0)
 def _check_shift(shift: float) -> None:
     if not (math.isfinite(shift) and shift > 0):
         raise UserError(f"shift must be a finite number > 0 (1.0 = no shift), got {shift}.")
+
+
+@dataclass(frozen=True)
+class MeanFlowConfig:
+    """The meanflow objective's knobs (Geng et al. 2025, their defaults); used by no other objective."""
+
+    # Fraction of the batch trained with r = t, i.e. on the plain instantaneous velocity (paper: 75 %).
+    # t and r are two draws of flow.timestep_sampling, ordered so that r <= t.
+    equal_fraction: float = 0.75
+    # Guidance folded into training: the target's velocity is omega*v + kappa*v_cond + (1-omega-kappa)*v_uncond,
+    # the last two the model's own (r = t) predictions, so one-step samples come out guided with an
+    # effective CFG scale omega / (1 - kappa). omega 1, kappa 0: no guidance.
+    omega: float = 1.0
+    kappa: float = 0.0
+    # Guide only targets with lo <= t <= hi (their "t_start, t_end").
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    # Adaptive loss weight 1 / (||u - u_tgt||^2 + norm_eps)^norm_p per sample (squared error summed
+    # over pixels); 0 = the plain squared error.
+    norm_p: float = 1.0
+    norm_eps: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.equal_fraction <= 1.0:
+            raise UserError(f"meanflow.equal_fraction must lie in [0, 1], got {self.equal_fraction}.")
+        if not (math.isfinite(self.omega) and math.isfinite(self.kappa) and self.omega > 0 and 0 <= self.kappa < 1):
+            raise UserError(f"meanflow needs omega > 0 and 0 <= kappa < 1, got {self.omega} and {self.kappa}.")
+        lo, hi = (float(v) for v in self.guidance_interval)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise UserError(f"meanflow.guidance_interval needs 0 <= lo <= hi <= 1, got {self.guidance_interval}.")
+        object.__setattr__(self, "guidance_interval", (lo, hi))
+        if not (self.norm_p >= 0 and self.norm_eps > 0):
+            raise UserError(f"meanflow needs norm_p >= 0 and norm_eps > 0, got {self.norm_p} and {self.norm_eps}.")
+
+    @property
+    def guided(self) -> bool:
+        return self.omega != 1.0 or self.kappa != 0.0
 
 
 @dataclass(frozen=True)
@@ -60,10 +100,14 @@ class FlowConfig:
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    # meanflow only (left at its defaults otherwise).
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise UserError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+        if self.objective != "meanflow" and self.meanflow != MeanFlowConfig():
+            raise UserError(f"flow.meanflow.* configures the meanflow objective; the objective is {self.objective!r}.")
         T = self.num_train_timesteps
         if isinstance(T, bool) or not isinstance(T, int) or T < 2:
             raise UserError(f"num_train_timesteps must be an int >= 2, got {T!r}.")
@@ -93,7 +137,8 @@ class SamplerConfig:
 
     # Flow objectives: "euler" (1 model call per step) or "heun" (2nd order, 2 calls per step) on the
     # ODE. ddpm: "ddpm" (ancestral, with the learned variance) or "ddim" (deterministic, eta 0), on
-    # num_steps of the T training timesteps, evenly spaced as DiT respaces them.
+    # num_steps of the T training timesteps, evenly spaced as DiT respaces them. meanflow: "meanflow",
+    # num_steps jumps z_r = z_t - (t - r) u(z_t, r, t) along the time grid (1 step: noise to image).
     method: SamplerMethod = "euler"
     # Number of steps of the 1 -> 0 time grid.
     num_steps: int = 50
@@ -143,4 +188,9 @@ def check_sampler_fits(flow: FlowConfig, sampler: SamplerConfig) -> None:
         raise UserError(
             f"sampler.method {sampler.method!r} needs objective 'ddpm'; the {flow.objective!r} objective samples "
             "with 'euler' or 'heun'."
+        )
+    if sampler.method in MEANFLOW_METHODS and flow.objective != "meanflow":
+        raise UserError(
+            f"sampler.method 'meanflow' jumps with an average velocity; the {flow.objective!r} objective's model "
+            "predicts an instantaneous one (use 'euler' or 'heun')."
         )

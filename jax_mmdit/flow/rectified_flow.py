@@ -45,13 +45,13 @@ def shift_for_resolution(height: int, width: int, base_height: int = 256, base_w
     return math.sqrt((height * width) / (base_height * base_width))
 
 
-def _expand_like(t_B: jax.Array, x: jax.Array) -> jax.Array:
+def expand_like(t_B: jax.Array, x: jax.Array) -> jax.Array:
     return t_B.reshape(t_B.shape + (1,) * (x.ndim - t_B.ndim))
 
 
 def interpolate(x_BxHxWxC: jax.Array, noise_BxHxWxC: jax.Array, t_B: jax.Array) -> jax.Array:
     """x_t = (1 - t) * x + t * eps (t = 1 is pure noise)."""
-    t = _expand_like(t_B, x_BxHxWxC)
+    t = expand_like(t_B, x_BxHxWxC)
     return (1.0 - t) * x_BxHxWxC + t * noise_BxHxWxC
 
 
@@ -92,7 +92,7 @@ def drop_condition(rng: jax.Array, cond: dict, prob: float, null_cond: dict) -> 
         return cond
     B = next(iter(cond.values())).shape[0]
     drop_B = jax.random.bernoulli(rng, prob, (B,))
-    return {k: jnp.where(_expand_like(drop_B, v), null_cond[k].astype(v.dtype), v) if k in null_cond else v
+    return {k: jnp.where(expand_like(drop_B, v), null_cond[k].astype(v.dtype), v) if k in null_cond else v
             for k, v in cond.items()}  # fmt: skip
 
 
@@ -141,8 +141,9 @@ def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None, null_cond: dict |
     they can be summed over steps and devices before dividing.
 
     The objective is flow_cfg.objective's: "sit" is this loss through `sit_model`, "ddpm" DiT's
-    (`jax_mmdit.flow.ddpm.make_loss_fn`). A text model's `y` is a dict of its keyword inputs;
-    `null_cond` (the empty prompt's) replaces it with probability label_dropout.
+    (`jax_mmdit.flow.ddpm.make_loss_fn`), "meanflow" `jax_mmdit.flow.meanflow.make_loss_fn`. A text
+    model's `y` is a dict of its keyword inputs; `null_cond` (the empty prompt's) replaces it with
+    probability label_dropout.
     """
     if null_class is not None and (isinstance(null_class, bool) or not isinstance(null_class, int) or null_class < 0):
         raise ValueError(f"null_class must be None or an int >= 0 (== num_classes), got {null_class!r}.")
@@ -150,6 +151,10 @@ def make_loss_fn(flow_cfg: FlowConfig, null_class: int | None, null_cond: dict |
         from jax_mmdit.flow import ddpm  # ddpm builds on this module
 
         return ddpm.make_loss_fn(flow_cfg, null_class, null_cond)
+    if flow_cfg.objective == "meanflow":
+        from jax_mmdit.flow import meanflow  # meanflow builds on this module
+
+        return meanflow.make_loss_fn(flow_cfg, null_class, null_cond)
     sit = flow_cfg.objective == "sit"
 
     def loss_fn(model: Any, x_BxHxWxC: jax.Array, y_B: jax.Array | None, rng: jax.Array):

@@ -163,6 +163,11 @@ def _sample_jitted(graphdef, state, noise_BxHxWxC, y_B, rng, null_cond, *, cfg, 
         from jax_mmdit.flow import ddpm  # ddpm builds on this module
 
         return ddpm.sample_loop(fn, noise_BxHxWxC, y_B, cfg, flow, rng, null_class, return_trajectory, null_cond)
+    if cfg.method == "meanflow":
+        from jax_mmdit.flow import meanflow  # meanflow builds on this module
+
+        u = meanflow.mean_model(model)
+        return meanflow.sample_loop(u, noise_BxHxWxC, y_B, cfg, null_class, return_trajectory, null_cond)
     fn = sit_model(fn) if flow.objective == "sit" else fn
     return sample_loop(fn, noise_BxHxWxC, y_B, cfg, null_class, return_trajectory, null_cond)
 
@@ -187,7 +192,8 @@ def sample(
 
     `flow` names the objective the model was trained with (None: rectified flow): "sit" runs the
     same ODE samplers through `sit_model`, "ddpm" the DDPM/DDIM samplers of `jax_mmdit.flow.ddpm`,
-    whose ancestral noise comes from `rng` (None: key 0). The null class is `model.null_class`
+    whose ancestral noise comes from `rng` (None: key 0); a "meanflow" model samples with the
+    "meanflow" jumps of `jax_mmdit.flow.meanflow` or, at h = 0, the ODE samplers. The null class is `model.null_class`
     (== num_classes); a model without it, or with 0, is unconditional and cannot use
     cfg_scale != 1. A text-conditioned model takes `y_B` as a dict of its keyword inputs
     (context_BxTxE, pooled_BxP, context_mask_BxT) and guides against `null_cond` (the same for the

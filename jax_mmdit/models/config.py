@@ -98,6 +98,10 @@ class ModelConfig:
     # MMDiT text models: padded text tokens are left out of joint attention (a given mask is used).
     # SD3 was trained attending to its padding: its converted runs set False and ignore masks.
     context_mask: bool = True
+    # MeanFlow (flow.objective "meanflow"): a second timestep embedder for the interval h = t - r,
+    # its embedding summed into the conditioning vector (MeanFlow's (t, t - r) input). Off: the
+    # plain one-time network, as every other objective and published checkpoint has it.
+    interval_embed: bool = False
     # The timestep embedder sees time_scale * t: 1000 maps t in [0, 1] onto DiT/SD3's 0..1000
     # timestep range; SiT's published weights embed t in [0, 1] directly (time_scale 1).
     time_scale: float = 1000.0

@@ -20,6 +20,7 @@ from jax_mmdit.models.layers import (
     PatchEmbed,
     TimestepEmbedder,
     make_pos_embed,
+    remat_call,
     unpatchify,
 )
 from jax_mmdit.ops import Ops
@@ -68,6 +69,17 @@ def check_labels(cfg: ModelConfig, y_B: jax.Array | None, batch: int) -> None:
             raise ValueError(f"Expected y of shape ({batch},), got {y_B.shape}.")
 
 
+def interval_embedding(h_embedder: TimestepEmbedder | None, h_B: jax.Array | None, t_B: jax.Array):
+    """The MeanFlow interval's embedding (0 for a one-time network; h None means h = 0)."""
+    if h_embedder is None:
+        if h_B is not None:
+            raise ValueError("This model has no interval input (model.interval_embed is off); do not pass h_B.")
+        return 0.0
+    if h_B is not None and jnp.shape(h_B) != jnp.shape(t_B):
+        raise ValueError(f"Expected h of shape {jnp.shape(t_B)} like t, got {jnp.shape(h_B)}.")
+    return h_embedder(jnp.zeros_like(t_B) if h_B is None else h_B)
+
+
 class DiT(nnx.Module):
     """The network; `ops` is the backend its layers compute with (`jax_mmdit.ops.resolve`)."""
 
@@ -82,6 +94,7 @@ class DiT(nnx.Module):
             cfg.pos_embed, cfg.grid_size, D, rngs, cfg.pos_embed_offset, cfg.pos_embed_scale
         )
         self.t_embedder = TimestepEmbedder(D, dtype, outer, rngs, cfg.time_scale)
+        self.h_embedder = TimestepEmbedder(D, dtype, outer, rngs, cfg.time_scale) if cfg.interval_embed else None
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, rngs) if cfg.num_classes > 0 else None
         self.blocks = nnx.List([DiTBlock(cfg, ops, rngs) for _ in range(cfg.depth)])
         self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels, dtype, outer, rngs)
@@ -90,21 +103,24 @@ class DiT(nnx.Module):
     def null_class(self) -> int:
         return self.cfg.num_classes
 
-    def __call__(self, x_BxHxWxC: jax.Array, t_B: jax.Array, y_B: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x_BxHxWxC: jax.Array, t_B: jax.Array, y_B: jax.Array | None = None, h_B: jax.Array | None = None
+    ) -> jax.Array:
         """Velocity (or 2C channels with learn_sigma) for noisy x at time t in [0, 1], float32.
-        y is ignored by an unconditional model (num_classes == 0)."""
+        y is ignored by an unconditional model (num_classes == 0). With interval_embed, the average
+        velocity over [t - h_B, t] (h_B None: 0, the instantaneous velocity)."""
         cfg = self.cfg
         check_inputs(cfg, x_BxHxWxC, t_B)
         check_labels(cfg, y_B, x_BxHxWxC.shape[0])
 
         x_BxLxD = self.patch_embed(x_BxHxWxC) + self.pos_embed[...][None]
-        c_BxD = self.t_embedder(t_B)
+        c_BxD = self.t_embedder(t_B) + interval_embedding(self.h_embedder, h_B, t_B)
         if self.y_embedder is not None:
             c_BxD = c_BxD + self.y_embedder(y_B)
 
         for block in self.blocks:
             if cfg.remat:
-                x_BxLxD = nnx.remat(lambda blk, x, c: blk(x, c))(block, x_BxLxD, c_BxD)
+                x_BxLxD = remat_call(block, x_BxLxD, c_BxD)
             else:
                 x_BxLxD = block(x_BxLxD, c_BxD)
 

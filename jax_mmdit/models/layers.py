@@ -105,6 +105,14 @@ class MlpEmbedder(nnx.Module):
         return self.fc2(jax.nn.silu(self.fc1(v_BxI))).astype(jnp.float32)
 
 
+def remat_call(block: nnx.Module, *args):
+    """block(*args), recomputed in the backward pass instead of stored. A pure jax.checkpoint over
+    the block's split state, so it composes with every transform around it: nnx.remat writes the
+    block's Variables back from inside its own trace, which a jax.jvp around it (MeanFlow) rejects."""
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a))(state, *args)
+
+
 class TimestepEmbedder(nnx.Module):
     """t in [0, 1] -> sinusoid of time_scale*t -> MLP -> (B, D) float32."""
 

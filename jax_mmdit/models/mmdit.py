@@ -26,7 +26,7 @@ from flax import nnx
 
 from jax_mmdit.models.attention import QKV
 from jax_mmdit.models.config import ModelConfig
-from jax_mmdit.models.dit import check_inputs, check_labels
+from jax_mmdit.models.dit import check_inputs, check_labels, interval_embedding
 from jax_mmdit.models.layers import (
     NORM_EPS,
     Dense,
@@ -38,6 +38,7 @@ from jax_mmdit.models.layers import (
     PatchEmbed,
     TimestepEmbedder,
     make_pos_embed,
+    remat_call,
     unpatchify,
 )
 from jax_mmdit.ops import Ops
@@ -114,6 +115,7 @@ class MMDiT(nnx.Module):
             cfg.pos_embed, cfg.grid_size, D, rngs, cfg.pos_embed_offset, cfg.pos_embed_scale
         )
         self.t_embedder = TimestepEmbedder(D, dtype, outer, rngs, cfg.time_scale)
+        self.h_embedder = TimestepEmbedder(D, dtype, outer, rngs, cfg.time_scale) if cfg.interval_embed else None
         if cfg.uses_class_tokens:
             self.class_tokens = LabelEmbedder(cfg.num_classes, cfg.num_context_tokens * D, rngs)
             self.pooled_embedder = LabelEmbedder(cfg.num_classes, D, rngs)
@@ -174,8 +176,10 @@ class MMDiT(nnx.Module):
         context_BxTxE: jax.Array | None = None,
         pooled_BxP: jax.Array | None = None,
         context_mask_BxT: jax.Array | None = None,
+        h_B: jax.Array | None = None,
     ) -> jax.Array:
-        """Velocity for noisy x at time t in [0, 1], float32 (2C channels with learn_sigma).
+        """Velocity for noisy x at time t in [0, 1], float32 (2C channels with learn_sigma); with
+        interval_embed, the average velocity over [t - h_B, t] (as DiT).
         `context_mask_BxT` (bool, text only) marks real tokens: padding neither gives attention to
         the image tokens nor, through them, changes the output (ignored with cfg.context_mask off)."""
         cfg = self.cfg
@@ -191,14 +195,13 @@ class MMDiT(nnx.Module):
             mask = mask.astype(bool)
 
         x_BxLxD = self.patch_embed(x_BxHxWxC) + self.pos_embed[...][None]
-        c_BxD = self.t_embedder(t_B)
+        c_BxD = self.t_embedder(t_B) + interval_embedding(self.h_embedder, h_B, t_B)
         if pooled_BxD is not None:
             c_BxD = c_BxD + pooled_BxD
 
         for block in self.blocks:
             if cfg.remat:
-                remat = nnx.remat(lambda blk, x, ctx, c, m: blk(x, ctx, c, m))
-                x_BxLxD, ctx_BxTxD = remat(block, x_BxLxD, ctx_BxTxD, c_BxD, mask)
+                x_BxLxD, ctx_BxTxD = remat_call(block, x_BxLxD, ctx_BxTxD, c_BxD, mask)
             else:
                 x_BxLxD, ctx_BxTxD = block(x_BxLxD, ctx_BxTxD, c_BxD, mask)
 

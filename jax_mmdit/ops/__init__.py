@@ -50,12 +50,23 @@ def set_auto(kernels: Literal["xla", "onednn"] | None) -> str | None:
     return previous
 
 
-def resolve(kernels: str = "auto", attention: str = "auto", devices=None, fp8: bool = False) -> Ops:
+def resolve(
+    kernels: str = "auto", attention: str = "auto", devices=None, fp8: bool = False, forward_mode: bool = False
+) -> Ops:
     """The backend for `kernels` (see the table) on `devices` (default: all of jax's), with
     attention implementation `attention` ("auto", "xla" or "cudnn"); with `fp8`, its dense layers
     inside the transformer blocks run in fp8 (`ops.fp8`). Builds the C++ kernels here when they are
     chosen; "auto" falls back to XLA after a one-line warning when they cannot be built, an
-    explicit "onednn" fails."""
+    explicit "onednn" fails. `forward_mode`: the model is also differentiated forward (`jax.jvp`,
+    MeanFlow). The fast paths are custom VJPs, which define reverse-mode derivatives only, so this
+    is `ReferenceOps`, the plain maths every transform differentiates (XLA fuses it on any device)."""
+    if forward_mode:
+        if fp8 or kernels == "onednn" or attention == "cudnn":
+            raise UserError(
+                "The oneDNN kernels, cuDNN attention and fp8 have reverse-mode derivatives only; a jvp of the "
+                "model (meanflow) needs --kernels auto or xla, attention auto or xla, and no fp8."
+            )
+        return ReferenceOps(attention_impl="xla")
     if fp8:
         from jax_mmdit.ops.fp8 import Fp8Ops
 

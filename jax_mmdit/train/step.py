@@ -88,6 +88,13 @@ def condition_of(batch: dict):
     return text or batch["label"]
 
 
+def reported_loss(loss: jax.Array, aux: dict, accum: int = 1) -> jax.Array:
+    """The loss to log: the objective's, or where it is reweighted (MeanFlow's adaptive weights make
+    it about 1 whatever the fit) the plain squared error it carries in aux["mse"], summed over the
+    `accum` micro-batches there."""
+    return aux["mse"] / accum if "mse" in aux else loss
+
+
 def _select(pred, a, b):
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
@@ -204,7 +211,7 @@ def make_train_step(
             nonfinite_step=nonfinite_step,
         )
         metrics = {
-            "loss": loss,
+            "loss": reported_loss(loss, aux, accum),
             "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
             "loss_bin_sum": aux["loss_bin_sum"],
@@ -222,7 +229,7 @@ def make_eval_step(graphdef, rest, loss_fn: Callable):
 
     def eval_step(params, batch, rng):
         model = nnx.merge(graphdef, params, rest)
-        loss, _ = loss_fn(model, batch["image"], condition_of(batch), rng)
-        return loss
+        loss, aux = loss_fn(model, batch["image"], condition_of(batch), rng)
+        return reported_loss(loss, aux)
 
     return eval_step

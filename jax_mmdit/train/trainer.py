@@ -76,7 +76,9 @@ class Trainer(SamplingMixin):
         self.model_cfg = cfg.model_for_precision
         # The backend of the model's operations, chosen once for this mesh (builds the C++ kernels
         # here when they are picked, never inside a trace).
-        self.ops = ops_lib.resolve(cfg.kernels, cfg.attention, list(self.mesh.devices.flat), fp8=cfg.precision == "fp8")
+        jvp = cfg.flow.objective == "meanflow"
+        self.ops = ops_lib.resolve(cfg.kernels, cfg.attention, list(self.mesh.devices.flat),
+                                   fp8=cfg.precision == "fp8", forward_mode=jvp)  # fmt: skip
 
         # --- data -------------------------------------------------------------------------
         self.train_data = self.eval_data = None
