@@ -1,6 +1,6 @@
 """What a MeanFlow training step costs against a rectified-flow one, same model and batch.
 
-    python -m benchmarks.bench_meanflow            # the default config's DiT, batch 128 (~3 min on 2 cores)
+    python -m benchmarks.bench_meanflow            # the default config's model, batch 128 (~3 min on 2 cores)
     python -m benchmarks.bench_meanflow --quick    # tiny shapes (seconds)
 
 Rows: rectified flow on the default backend (oneDNN kernels on a CPU) and on the plain reference

@@ -290,8 +290,10 @@ CPU_CASES = {
     "s2-b128": ("DiT-S/2 32x32x3 b128", {"preset": "DiT-S/2", "model": _S2, "batch": 128}),
     # The DiT of the fashion_mnist preset's size (192 wide, 6 deep, patch 4; the default was this DiT
     # until the recipe ablation moved it to MMDiT, docs/recipe.md).
-    "default": ("DiT 192x6 patch 4, 28x28x1 b128", {"base": "fashion_mnist", "model": {"arch": "dit", "qk_norm": False},
-                                                    "batch": 128}),
+    "default": (
+        "DiT 192x6 patch 4, 28x28x1 b128",
+        {"base": "fashion_mnist", "model": {"arch": "dit", "qk_norm": False}, "batch": 128},
+    ),
     # 256 image tokens + 4 learned class tokens per image (our MMDiT's class conditioning; the
     # torch rows feed the same tokens to SD3Transformer2DModel, workers.torch_mmdit).
     "mmdit-s2-b32": ("MMDiT-S/2 32x32x3 b32", {"preset": "MMDiT-S/2", "model": _S2, "batch": 32}),

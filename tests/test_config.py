@@ -53,7 +53,8 @@ def _cli(*args, code=None):
 def test_help_lists_the_choices_and_a_typo_is_rejected():
     r = _cli("train", "--help")
     assert r.returncode == 0
-    for choices in ("{dit,mmdit}", "{auto,xla,onednn}", "{uniform,logit_normal,mode}", "{euler,heun,ddpm,ddim,meanflow}"):
+    choice_sets = ("{dit,mmdit}", "{auto,xla,onednn}", "{uniform,logit_normal,mode}", "{euler,heun,ddpm,ddim,meanflow}")
+    for choices in choice_sets:
         assert choices in r.stdout, choices
     r = _cli("train", "--config", "tiny", "--model.arch", "ditt")
     assert r.returncode != 0 and "ditt" in r.stderr and "Traceback" not in r.stderr
