@@ -6,9 +6,9 @@ classifier evaluator at the end (1000 samples, 100 per class). Sampler variants 
 trained run with `mmdit eval` instead of training again. Results accumulate in a JSON-lines file,
 so a long ablation can be run a few variants at a time; the table covers every row in it.
 
-    python benchmarks/recipe_ablation.py --variants baseline mmdit --out runs/ablation
-    python benchmarks/recipe_ablation.py --on mmdit --variants lr2e-3 b2_0.99 --out runs/ablation
-    python benchmarks/recipe_ablation.py --sampler cfg3 --from mmdit --out runs/ablation
+    python benchmarks/recipe_ablation.py --variants baseline dit --out runs/ablation
+    python benchmarks/recipe_ablation.py --on no_qk_norm --variants lr2e-3 b2_0.99 --out runs/ablation
+    python benchmarks/recipe_ablation.py --sampler cfg3 --from baseline --out runs/ablation
     python benchmarks/recipe_ablation.py --table --out runs/ablation
 
 Wall time is the whole `mmdit train` command (start-up, compilation, the evaluations it runs),
@@ -36,6 +36,9 @@ TRAIN_VARIANTS: dict[str, list[str]] = {
     "no_qk_norm": ["--model.no_qk_norm"],
     "swiglu": ["--model.mlp", "swiglu"],
     "conv_stem": ["--model.stem", "conv"],
+    "learned_pos": ["--model.pos_embed", "learned"],
+    # Patch 2 (196 tokens) at half the width: about the same matmul FLOPs per image as patch 4.
+    "patch2_w96": ["--model.patch_size", "2", "--model.hidden_size", "96"],
     # Optimiser.
     "lr2e-3": ["--optim.learning_rate", "2e-3"],
     "lr5e-4": ["--optim.learning_rate", "5e-4"],
@@ -43,6 +46,10 @@ TRAIN_VARIANTS: dict[str, list[str]] = {
     "cosine": ["--optim.schedule", "cosine"],
     "batch64": ["--batch_size", "64"],
     "no_ema": ["--optim.ema_decay", "0"],
+    # With EMA warmup the decay is (1+step)/(10+step) < 0.99 for the whole epoch, so ema_decay
+    # only matters without it.
+    "ema0.99": ["--optim.ema_decay", "0.99"],
+    "ema0.99_no_warmup": ["--optim.ema_decay", "0.99", "--optim.no_ema_warmup"],
     # Flow.
     "uniform_t": ["--flow.timestep_sampling", "uniform"],
     "logit_mean0.5": ["--flow.logit_mean", "0.5"],
