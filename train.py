@@ -32,8 +32,11 @@ def main(argv=None) -> int:
         out += ["--optim.learning_rate", str(args.learning_rate)]
     if args.profile:
         out += ["--profile"]
+    # The original script computed in fp32 unless --half_precision (the preset's default is bf16).
     if args.half_precision:
         out += ["--precision", "bf16"]
+    elif "--precision" not in rest:
+        out += ["--precision", "fp32"]
     return cli.main(["train", *out, *rest])
 
 

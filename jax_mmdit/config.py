@@ -276,7 +276,7 @@ MEANFLOW_STEP_COST = 2.3
 
 def _fashion_mnist() -> TrainConfig:
     """The default: a small class-conditional MMDiT that draws recognisable Fashion-MNIST on a
-    2-core CPU in ~6 minutes (the recipe and its ablation: docs/recipe.md)."""
+    2-core CPU in ~8 minutes (the recipe and its ablation: docs/recipe.md)."""
     return TrainConfig(
         model=ModelConfig(
             # SD3's two streams: the class enters as 4 learned context tokens in joint attention
@@ -297,11 +297,15 @@ def _fashion_mnist() -> TrainConfig:
         sampler=SamplerConfig(num_steps=32, cfg_scale=2.0),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100, ema_decay=0.999),
         # Sample quality offline: class accuracy and FD in a small CNN's features (docs/evaluation.md),
-        # once per epoch (468 steps) and at the end: 1000 samples cost about 150 training steps.
-        eval=EvalConfig(evaluators=("loss", "classifier"), classifier=ClassifierEvalConfig(every=468)),
+        # every 702 steps (at the end of the default run): 1000 samples cost about 150 training steps.
+        eval=EvalConfig(evaluators=("loss", "classifier"), classifier=ClassifierEvalConfig(every=702)),
+        # bf16 compute, fp32 master weights: fp32's quality at 1.57x its speed on a CPU with AVX-512
+        # BF16 or AMX (the operations layer's bf16 kernels); elsewhere --precision fp32 may be faster.
+        precision="bf16",
         run_dir="runs/fashion_mnist",
         batch_size=128,
-        n_epochs=1.0,
+        # 702 steps: the time bf16 saves spent on steps, within the default's 10-minute budget.
+        n_epochs=1.5,
         eval_save_steps=200,
         sample_every_n=200,
         log_every=25,
@@ -373,6 +377,7 @@ def _fashion_mnist_latents() -> TrainConfig:
         base,
         # The DiT its numbers in docs/latents.md were measured with; the default's MMDiT is not checked here.
         model=dataclasses.replace(base.model, arch="dit", qk_norm=False, image_size=8, in_channels=4, patch_size=2),
+        precision="fp32",  # as docs/latents.md measured it
         # The latent directory `mmdit encode --out latents/fashion_mnist` writes.
         data=DataConfig(name="fashion_mnist", source="./latents/fashion_mnist"),
         # An epoch of 16-token latents costs about a tenth of the pixel model's 49-token one: 8
@@ -395,6 +400,10 @@ def _fashion_mnist_text() -> TrainConfig:
         model=dataclasses.replace(base.model, arch="mmdit", qk_norm=False, num_classes=0),
         # The caption directory `mmdit encode-text --out captions/fashion_mnist` writes.
         data=DataConfig(name="fashion_mnist", captions="./captions/fashion_mnist"),
+        # One epoch in fp32, evaluated once per epoch: as docs/text.md measured it.
+        precision="fp32",
+        n_epochs=1.0,
+        eval=dataclasses.replace(base.eval, classifier=dataclasses.replace(base.eval.classifier, every=468)),
         run_dir="runs/fashion_mnist_text",
     )
 
@@ -414,9 +423,12 @@ def _fashion_mnist_meanflow() -> TrainConfig:
         # targets guided with scale omega / (1 - kappa) = 2.
         flow=FlowConfig(objective="meanflow", logit_mean=-0.4, meanflow=MeanFlowConfig(kappa=0.5)),
         sampler=SamplerConfig(method="meanflow", num_steps=1, cfg_scale=1.0),
+        # fp32, as docs/meanflow.md measured it.
+        precision="fp32",
         # A MeanFlow step costs MEANFLOW_STEP_COST rectified-flow steps here (benchmarks/bench_meanflow.py):
-        # this many epochs take the default's one epoch of training time.
+        # this many epochs take one epoch of the default's model in fp32.
         n_epochs=round(1.0 / MEANFLOW_STEP_COST, 2),
+        eval=dataclasses.replace(base.eval, classifier=dataclasses.replace(base.eval.classifier, every=468)),
         run_dir="runs/fashion_mnist_meanflow",
     )
 

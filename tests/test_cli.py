@@ -155,6 +155,21 @@ def test_original_train_py_flags(tmp_path):
     assert '"precision": "bf16"' in cfg and '"learning_rate": 0.001' in cfg
 
 
+def test_train_py_keeps_the_original_fp32_default(monkeypatch):
+    """The original script computed in fp32 unless --half_precision; the preset's default is bf16."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_py", ROOT / "train.py")
+    train_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_py)
+    seen = []
+    monkeypatch.setattr(train_py.cli, "main", lambda argv: seen.append(argv) or 0)
+    for argv in ([], ["--half_precision"], ["--precision", "fp16"]):
+        train_py.main(argv)
+    precisions = [[a for i, a in enumerate(argv) if i and argv[i - 1] == "--precision"] for argv in seen]
+    assert precisions == [["fp32"], ["bf16"], ["fp16"]]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
